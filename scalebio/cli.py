@@ -1,0 +1,33 @@
+"""The ``scalebio`` command line. Subcommands import their (heavier) modules lazily."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _validate(argv: list[str]) -> int:
+    from scalebio.theory.validate import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "validate": (_validate, "check every theoretical claim on the toy problems; write a report"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="scalebio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]][0](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
