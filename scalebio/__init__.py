@@ -49,5 +49,6 @@ __all__ = [
     "sgd",
     "step",
     "weighted_sum",
+    "weights",
 ]
 __version__ = "0.1.0"

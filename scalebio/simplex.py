@@ -88,7 +88,9 @@ def make_simplex(
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("floor/cap: entries must be finite")
     if (lo < 0).any() or (hi > 1).any() or (lo > hi).any():
-        raise ValueError(f"floor/cap: need 0 ≤ floor ≤ cap ≤ 1, got floor={lo.tolist()} cap={hi.tolist()}")
+        raise ValueError(
+            f"floor/cap: need 0 ≤ floor ≤ cap ≤ 1, got floor={lo.tolist()} cap={hi.tolist()}"
+        )
     fx = torch.full((k,), math.nan, dtype=torch.float64)
     for i, v in (fixed or {}).items():
         if not (0 <= int(i) < k):
@@ -182,4 +184,6 @@ def check_on_simplex(w: Tensor, name: str = "weights", atol: float = 1e-6) -> No
     if not torch.isfinite(w).all():
         raise ValueError(f"{name}: non-finite weights {w.tolist()}")
     if (w < -atol).any() or abs(float(w.sum()) - 1.0) > atol:
-        raise ValueError(f"{name}: left the simplex (min {float(w.min()):.3g}, sum {float(w.sum()):.9g})")
+        raise ValueError(
+            f"{name}: left the simplex (min {float(w.min()):.3g}, sum {float(w.sum()):.9g})"
+        )
