@@ -12,7 +12,21 @@ def _validate(argv: list[str]) -> int:
     return main(argv)
 
 
+def _reweight(argv: list[str]) -> int:
+    from scalebio.llm.cli import reweight_main
+
+    return reweight_main(argv)
+
+
+def _demo(argv: list[str]) -> int:
+    from scalebio.llm.cli import demo_main
+
+    return demo_main(argv)
+
+
 COMMANDS = {
+    "demo": (_demo, "learn weights on a built-in task with known answers (no download)"),
+    "reweight": (_reweight, "learn mixture weights over the sources of a config"),
     "validate": (_validate, "check every theoretical claim on the toy problems; write a report"),
 }
 

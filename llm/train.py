@@ -1,0 +1,467 @@
+"""ScaleBiO for causal LMs: one explicit loop that calls the core's penalty surrogate.
+
+Per step t (u = "z" tracks the lower solution, w = "y" is pulled by validation, λ = θ):
+  1. α_t and the learning-rate factor; a LISA draw when t % period == 0 (or on resume).
+  2. The sampler's batch(t): this rank's train/val micro-batches, global per-source counts c_k and
+     the global number of supervised validation tokens N_tok (pure function of (seed, t)).
+  3. Per micro-batch pair: h_u, h_w = Σ_{i: s_i=k} ℓ_i / c_k, f = Σ token CE / N_tok, and
+     S = penalty_surrogate(θ, f, h_w, h_u, π·h, α). Every sign and α lives in that call. S is
+     linear in these partial sums, so accumulating S.backward() gives the global-batch gradients.
+     The backward is scaled by the world size W because the engines average gradients over ranks
+     while our partial sums are already global: W · mean = sum.
+  4. θ.grad is averaged over ranks; u, w and θ step at their scheduled learning rates.
+  5. Log a trajectory row; checkpoint every N steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from scalebio import make_simplex, penalty_surrogate, weighted_sum
+from scalebio import weights as simplex_weights
+
+from . import outputs
+from .batching import StepSampler
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError
+from .data import load_sources
+from .engine import OptimizerSpec
+from .lisa import LisaConfig, active_blocks_for, find_decoder_blocks
+from .losses import per_example_loss, source_partial_sums, val_partial_sum
+from .model import copy_model, load_model
+from .tokenizer import load_tokenizer
+
+
+# ---------------------------------------------------------------- set-up helpers
+def _dist_setup(cfg: Config) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.engine.kind == "deepspeed":
+        for k, v in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29511"),
+        ):
+            os.environ.setdefault(k, v)
+    if (
+        world > 1 or cfg.engine.kind in ("ddp", "fsdp2", "deepspeed")
+    ) and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=world)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _build_engine(cfg: Config, model, opt: OptimizerSpec, lisa: LisaConfig | None):
+    e = cfg.engine
+    if e.kind in ("single", "ddp"):
+        from .engine_torch import build_single_engine
+
+        return build_single_engine(model, opt, lisa, ddp=e.kind == "ddp")
+    if e.kind == "fsdp2":
+        from .engine_fsdp2 import build_fsdp2_engine
+
+        return build_fsdp2_engine(model, opt, lisa, bf16=e.bf16)
+    from .engine_deepspeed import build_deepspeed_engine
+
+    return build_deepspeed_engine(
+        model, opt, lisa, zero_stage=e.zero_stage, offload=e.offload, bf16=e.bf16
+    )
+
+
+def lr_shape(step: int, total: int, warmup_ratio: float, kind: str) -> float:
+    """s(t) ∈ [0, 1]: linear warm-up over ⌊warmup·T⌋ steps, then cosine to 0 (or constant)."""
+    warm = int(warmup_ratio * total)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def alpha_at(step: int, cfg: Config) -> tuple[float, float]:
+    """α_t = α₀ τ^⌊t/N⌋ and the learning-rate factor α₀/α_t (scalebio.geometric_alpha's rule)."""
+    b = cfg.bilevel
+    alpha = b.alpha * (b.tau ** (step // b.alpha_every) if b.tau > 1 else 1.0)
+    return alpha, b.alpha / alpha
+
+
+def _name_map(d: dict | None, names: tuple[str, ...], key: str) -> dict[int, float] | list | None:
+    if d is None:
+        return None
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ConfigError(
+            f"bilevel.{key}: unknown source name(s) {sorted(unknown)}; sources are {list(names)}"
+        )
+    return {names.index(n): float(v) for n, v in d.items()}
+
+
+def _vector(d: dict[int, float] | None, k: int, default: float | None, key: str, names):
+    if d is None:
+        return None
+    if default is None and len(d) != k:
+        missing = [names[i] for i in range(k) if i not in d]
+        raise ConfigError(f"bilevel.{key}: give a value for every source; missing {missing}")
+    return [d.get(i, default) for i in range(k)]
+
+
+def _forward_losses(model, mb: dict, device) -> torch.Tensor:
+    out = model(
+        input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device)
+    )
+    return out.logits, mb["labels"].to(device)
+
+
+def _model_opt(cfg: Config, lr: float) -> OptimizerSpec:
+    b = cfg.bilevel
+    return OptimizerSpec(name=b.optimizer, lr=lr, weight_decay=b.weight_decay)
+
+
+def bilevel_step(
+    eng_u,
+    eng_w,
+    theta,
+    opt_theta,
+    batch,
+    combine,
+    alpha: float,
+    lrs,
+    clip,
+    order: str = "simultaneous",
+    world: int = 1,
+    device=None,
+) -> dict:
+    """One ScaleBiO step on a sampler batch (steps 2–4 of the module docstring).
+
+    Returns {"sums": [f, g_w, g_u, ℓ̄(w) (K), ℓ̄(u) (K)] of the global batch (float64, CPU),
+    "weights": π(θ_t) (before the step), grad norms of u, w and λ}.
+    """
+    lr_u, lr_w, lr_lambda = lrs
+    device = theta.device if device is None else device
+    k = theta.numel()
+    counts = batch.counts.to(device)
+    sums = torch.zeros(3 + 2 * k, dtype=torch.float64, device=device)
+    pi = combine.weights(theta.detach()).double().cpu()
+    gn_u = float("nan")
+    if order == "alternating":  # u first, at (λ_t, u_t); then λ and w see u_{t+1}
+        for tr in batch.train:
+            h_u = source_partial_sums(
+                per_example_loss(*_forward_losses(eng_u.module, tr, device)),
+                tr["source_ids"].to(device),
+                counts,
+            )
+            zero = torch.zeros((), dtype=h_u.dtype, device=device)
+            terms = penalty_surrogate(theta, zero, h_u.detach(), h_u, combine, alpha)
+            (terms.surrogate * world).backward()
+        theta.grad = None  # this pass gives λ exactly zero: g(λ, sg u) − g(λ, sg u)
+        gn_u = eng_u.step(lr_u, clip)
+    for tr, va in zip(batch.train, batch.val):
+        src = tr["source_ids"].to(device)
+        h_w = source_partial_sums(
+            per_example_loss(*_forward_losses(eng_w.module, tr, device)), src, counts
+        )
+        with torch.set_grad_enabled(order == "simultaneous"):
+            h_u = source_partial_sums(
+                per_example_loss(*_forward_losses(eng_u.module, tr, device)), src, counts
+            )
+        f = val_partial_sum(*_forward_losses(eng_w.module, va, device), batch.val_tokens)
+        terms = penalty_surrogate(theta, f, h_w, h_u, combine, alpha)
+        (terms.surrogate * world).backward()
+        sums += torch.cat(
+            [
+                torch.stack([terms.upper, terms.lower_y, terms.lower_z]).double(),
+                h_w.detach().double(),
+                h_u.detach().double(),
+            ]
+        )
+    if dist.is_initialized():
+        dist.all_reduce(sums)  # partial sums of global quantities: their sum is the value
+        if theta.grad is not None:
+            dist.all_reduce(theta.grad)
+            theta.grad /= world
+    if order == "simultaneous":
+        gn_u = eng_u.step(lr_u, clip)
+    gn_w = eng_w.step(lr_w, clip)
+    gn_theta = float(theta.grad.norm()) if theta.grad is not None else 0.0
+    for group in opt_theta.param_groups:
+        group["lr"] = lr_lambda
+    opt_theta.step()
+    opt_theta.zero_grad(set_to_none=True)
+    return {
+        "sums": sums.cpu(),
+        "weights": pi,
+        "grad_norm_u": gn_u,
+        "grad_norm_w": gn_w,
+        "grad_norm_lambda": gn_theta,
+    }
+
+
+class Combine:
+    """G(θ, h) = Σ_k π_k(θ) h_k for the penalty surrogate, remembering π's parametrization."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def weights(self, theta):
+        return simplex_weights(theta, self.spec)
+
+    def __call__(self, theta, h):
+        return weighted_sum(simplex_weights(theta, self.spec), h)
+
+
+# ---------------------------------------------------------------- the loop
+def reweight(
+    cfg: Config,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    raw_config: dict | None = None,
+    stop_after: int | None = None,
+):
+    """Learn mixture weights; write weights.json, trajectory.csv and plots to ``out``.
+
+    ``stop_after`` ends the loop early after that many steps (for tests of kill/resume).
+    Returns the weights.json document.
+    """
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    rank, world, device = _dist_setup(cfg)
+    if rank == 0:
+        outputs.prepare_out_dir(out, resume, overwrite)
+    if dist.is_initialized():
+        dist.barrier()
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    data = load_sources(
+        cfg.data.source_specs(),
+        cfg.data.validation_specs(),
+        tokenizer,
+        cfg.data.max_length,
+        cfg.data.cache_dir or str(out / "cache"),
+    )
+    names, k = data.names, len(data.names)
+    sampler = StepSampler(
+        data,
+        mode=cfg.data.batch_mode,
+        per_source=cfg.data.per_source,
+        global_batch=cfg.data.global_batch,
+        val_batch=cfg.data.val_batch,
+        micro_batches=cfg.data.micro_batches,
+        rank=rank,
+        world_size=world,
+        seed=cfg.run.seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+    b = cfg.bilevel
+    spec = make_simplex(
+        k,
+        geometry=b.geometry,
+        prior=_vector(_name_map(b.prior, names, "prior"), k, None, "prior", names),
+        floor=_vector(_name_map(b.floor, names, "floor"), k, 0.0, "floor", names),
+        cap=_vector(_name_map(b.cap, names, "cap"), k, 1.0, "cap", names),
+        fixed=_name_map(b.fixed, names, "fixed"),
+    )
+    model_w = load_model(
+        path=cfg.model.path,
+        config=cfg.model.config,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        seed=cfg.run.seed,
+    )
+    model_u = copy_model(model_w)
+    model_w.to(device)
+    model_u.to(device)
+    lisa = None
+    if cfg.lisa.enabled:
+        lisa = LisaConfig(
+            n_active=cfg.lisa.n_active,
+            period=cfg.lisa.period,
+            train_embeddings=cfg.lisa.train_embeddings,
+            train_head=cfg.lisa.train_head,
+            joint=cfg.lisa.joint,
+        )
+        num_blocks = len(find_decoder_blocks(model_w)[1])
+        if lisa.n_active > num_blocks:
+            raise ConfigError(f"lisa.n_active: {lisa.n_active} > the model's {num_blocks} blocks")
+    eng_u = _build_engine(cfg, model_u, _model_opt(cfg, b.lr_u), lisa)
+    eng_w = _build_engine(cfg, model_w, _model_opt(cfg, b.lr_w), lisa)
+
+    theta = torch.zeros(k, dtype=torch.float32, device=device, requires_grad=True)  # λ: fp32 always
+    opt_cls = torch.optim.AdamW if b.lambda_optimizer == "adamw" else torch.optim.SGD
+    opt_theta = opt_cls([theta], lr=b.lr_lambda, **({"weight_decay": 0.0}))  # method.md quirk 8
+
+    combine = Combine(spec)
+
+    rows: list[dict] = []
+    weights_sum = torch.zeros(k, dtype=torch.float64)
+    start = 0
+    ckpt_root = out / "checkpoints"
+    if resume:
+        ck = latest_checkpoint(ckpt_root)
+        if ck is None:
+            raise outputs.OutputError(f"{ckpt_root}: no complete checkpoint to resume from")
+        start = int(torch.load(ck / "loop.pt", weights_only=False)["step"])
+        if lisa is not None:  # LISA state is a function of the step: re-draw, then load states
+            for name, eng in (("u", eng_u), ("w", eng_w)):
+                eng.set_active_blocks(
+                    active_blocks_for(start, cfg.run.seed, num_blocks, lisa, name)
+                )
+        st = load_checkpoint(ck, {"u": eng_u, "w": eng_w}, rank)
+        with torch.no_grad():
+            theta.copy_(st["theta"])
+        opt_theta.load_state_dict(st["opt_theta"])
+        rows, weights_sum = st["rows"], st["weights_sum"]
+        torch.set_rng_state(st["torch_rng"])
+
+    tracker = _tracker(cfg, out, raw_config) if rank == 0 else None
+    bar = tqdm(
+        range(start, b.steps),
+        desc="scalebio",
+        disable=not progress or rank != 0,
+        initial=start,
+        total=b.steps,
+    )
+    for step in bar:
+        t0 = time.perf_counter()
+        alpha, lr_factor = alpha_at(step, cfg)
+        scale = lr_shape(step, b.steps, b.warmup_ratio, b.schedule) * lr_factor
+        if lisa is not None and step % lisa.period == 0:
+            for name, eng in (("u", eng_u), ("w", eng_w)):
+                eng.set_active_blocks(active_blocks_for(step, cfg.run.seed, num_blocks, lisa, name))
+        batch = sampler.batch(step)
+        lrs = (b.lr_u * scale, b.lr_w * scale, b.lr_lambda * scale)
+        m = bilevel_step(
+            eng_u,
+            eng_w,
+            theta,
+            opt_theta,
+            batch,
+            combine,
+            alpha,
+            lrs,
+            None if b.clip is None else b.clip * alpha,
+            b.order,
+            world,
+            device,
+        )
+        if not torch.isfinite(theta).all():
+            raise FloatingPointError(f"step {step}: λ became non-finite; lower bilevel.lr_lambda")
+        s, pi = m["sums"], m["weights"]  # π is π(θ_t), the weights this step was evaluated at
+        weights_sum += pi
+        row = {
+            "step": step,
+            "alpha": alpha,
+            "lr_scale": scale,
+            "val_loss": float(s[0]),
+            "train_loss_w": float(s[1]),
+            "train_loss_u": float(s[2]),
+            "gap": float(s[1] - s[2]),
+            "grad_norm_lambda": m["grad_norm_lambda"],
+            "grad_norm_u": m["grad_norm_u"],
+            "grad_norm_w": m["grad_norm_w"],
+            "seconds": time.perf_counter() - t0,
+        }
+        for i, n in enumerate(names):
+            row[f"weight/{n}"] = float(pi[i])
+            present = float(batch.counts[i]) > 0  # h sums to the source's mean loss when present
+            row[f"loss_w/{n}"] = float(s[3 + i]) if present else float("nan")
+            row[f"loss_u/{n}"] = float(s[3 + k + i]) if present else float("nan")
+        rows.append(row)
+        if tracker is not None:
+            tracker.log({k_: v for k_, v in row.items() if k_ != "step"}, step=step)
+        if progress and rank == 0:
+            top = max(names, key=lambda n: row[f"weight/{n}"])
+            bar.set_postfix(
+                val=f"{row['val_loss']:.3f}",
+                gap=f"{row['gap']:.2g}",
+                top=f"{top}:{row[f'weight/{top}']:.2f}",
+            )
+        done = step + 1
+        if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == b.steps:
+            save_checkpoint(
+                ckpt_root,
+                done,
+                {
+                    "step": done,
+                    "theta": theta.detach().cpu(),
+                    "opt_theta": opt_theta.state_dict(),
+                    "rows": rows,
+                    "weights_sum": weights_sum,
+                    "torch_rng": torch.get_rng_state(),
+                },
+                {"u": eng_u, "w": eng_w},
+                rank,
+                cfg.run.keep_checkpoints,
+            )
+        if stop_after is not None and done - start >= stop_after:
+            break
+    if tracker is not None:
+        tracker.finish()
+    final = simplex_weights(theta.detach(), spec).double().cpu()
+    averaged = weights_sum / max(1, len(rows))
+    extra = {
+        "steps": len(rows),
+        "names": list(names),
+        "dropped_examples": dict(data.dropped),
+        "config": raw_config,
+    }
+    if rank == 0 and len(rows) == b.steps:  # a stopped run leaves only its checkpoints
+        outputs.write_weights_json(out / "weights.json", names, final, averaged, extra)
+        outputs.atomic_write_text(out / "trajectory.csv", outputs.trajectory_csv(rows, names))
+        outputs.plot_run(out, rows, names)
+    return {
+        "weights": dict(zip(names, final.tolist())),
+        "averaged_weights": dict(zip(names, averaged.tolist())),
+        "rows": rows,
+        **extra,
+    }
+
+
+def _tracker(cfg: Config, out: Path, raw_config: dict | None):
+    """An accelerate tracker (TensorBoard by default, W&B if asked), or None."""
+    if cfg.run.tracker == "none":
+        return None
+    if cfg.run.tracker == "wandb":
+        from accelerate.tracking import WandBTracker
+
+        tr = WandBTracker("scalebio")
+    else:
+        from accelerate.tracking import TensorBoardTracker
+
+        tr = TensorBoardTracker("tb", str(out))
+    if raw_config is not None:
+        tr.store_init_configuration(_flatten(raw_config))
+    return tr
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, v in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, name + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            flat[name] = v
+        else:
+            flat[name] = str(v)
+    return flat
