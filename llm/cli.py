@@ -36,8 +36,14 @@ def reweight_main(argv: list[str]) -> int:
         cfg, raw = load_config(args.config, overrides)
         from .train import reweight
 
-        doc = reweight(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite,
-                       progress=not args.no_progress, raw_config=raw)
+        doc = reweight(
+            cfg,
+            Path(args.out),
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            raw_config=raw,
+        )
     except (ConfigError, DataError, OutputError, FloatingPointError, FileNotFoundError) as e:
         return _fail(str(e))
     for name, w in sorted(doc["weights"].items(), key=lambda kv: -kv[1]):
@@ -60,9 +66,15 @@ def demo_main(argv: list[str]) -> int:
     from .outputs import OutputError
 
     try:
-        summary = run_demo(Path(args.out), seed=args.seed, steps=args.steps,
-                           per_source=args.per_source, overwrite=args.overwrite,
-                           progress=not args.no_progress, threads=args.threads)
+        summary = run_demo(
+            Path(args.out),
+            seed=args.seed,
+            steps=args.steps,
+            per_source=args.per_source,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            threads=args.threads,
+        )
     except (DataError, OutputError) as e:
         return _fail(str(e))
     return 0 if summary["clean_highest"] else 1

@@ -21,16 +21,28 @@ from .model import TINY_LLAMA
 # Defaults validated over seeds (see README, "The demo"): α = 1 with AdamW steps of 1e-3 for u
 # and w and 5e-2 for λ. Larger α with the same steps was unstable in calibration (method.md §9:
 # under Adam, α mostly sets the validation share of w's update).
-DEMO_BILEVEL = {"alpha": 1.0, "lr_u": 1e-3, "lr_w": 1e-3, "lr_lambda": 5e-2,
-                "schedule": "constant", "warmup_ratio": 0.0}
+DEMO_BILEVEL = {
+    "alpha": 1.0,
+    "lr_u": 1e-3,
+    "lr_w": 1e-3,
+    "lr_lambda": 5e-2,
+    "schedule": "constant",
+    "warmup_ratio": 0.0,
+}
 
 
 def demo_config(data: dict, steps: int, seed: int, per_source: int = 16, threads: int = 2) -> dict:
     """The raw config of the demo run over the files ``write_demo_sources`` wrote."""
     return {
         "model": {"config": dict(TINY_LLAMA), "tokenizer": "char"},
-        "data": {"sources": data["sources"], "validation": [data["val"]], "max_length": 96,
-                 "batch_mode": "stratified", "per_source": per_source, "val_batch": 32},
+        "data": {
+            "sources": data["sources"],
+            "validation": [data["val"]],
+            "max_length": 48,
+            "batch_mode": "stratified",
+            "per_source": per_source,
+            "val_batch": 32,
+        },
         "bilevel": {"steps": steps, **DEMO_BILEVEL},
         "run": {"seed": seed, "checkpoint_every": 0, "tracker": "tensorboard", "threads": threads},
     }
@@ -40,13 +52,22 @@ def summarize(weights: dict[str, float], rates: dict[str, float]) -> dict:
     """Spearman ρ between corruption rate and weight over the corrupted copies; clean on top?"""
     corrupted = [n for n, r in rates.items() if r > 0]
     rho = spearmanr([rates[n] for n in corrupted], [weights[n] for n in corrupted]).statistic
-    return {"spearman_corrupted": float(rho),
-            "clean_highest": max(weights, key=weights.get) == "clean"}
+    return {
+        "spearman_corrupted": float(rho),
+        "clean_highest": max(weights, key=weights.get) == "clean",
+    }
 
 
-def run_demo(out: Path, seed: int = 0, steps: int = 200, per_source: int = 16,
-             n_train: int = 1000, overwrite: bool = False, progress: bool = True,
-             threads: int = 2) -> dict:
+def run_demo(
+    out: Path,
+    seed: int = 0,
+    steps: int = 200,
+    per_source: int = 16,
+    n_train: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+    threads: int = 2,
+) -> dict:
     """Write the data, run ``reweight``, print the weight table; returns the summary."""
     from .train import reweight
 
@@ -58,12 +79,19 @@ def run_demo(out: Path, seed: int = 0, steps: int = 200, per_source: int = 16,
     doc = reweight(cfg, out / "run", progress=progress, raw_config=raw)
     rates = data["corruption_rates"]
     summary = summarize(doc["averaged_weights"], rates)
-    summary |= {"weights": doc["weights"], "averaged_weights": doc["averaged_weights"],
-                "corruption_rates": rates, "seed": seed, "steps": steps}
+    summary |= {
+        "weights": doc["weights"],
+        "averaged_weights": doc["averaged_weights"],
+        "corruption_rates": rates,
+        "seed": seed,
+        "steps": steps,
+    }
     outputs.atomic_write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     print(format_table(doc["weights"], doc["averaged_weights"], rates))
-    print(f"Spearman(corruption rate, averaged weight) over the corrupted copies: "
-          f"{summary['spearman_corrupted']:+.2f};  clean on top: {summary['clean_highest']}")
+    print(
+        f"Spearman(corruption rate, averaged weight) over the corrupted copies: "
+        f"{summary['spearman_corrupted']:+.2f};  clean on top: {summary['clean_highest']}"
+    )
     print(f"outputs: {out / 'run'} (weights.json, trajectory.csv, weights.png, losses.png)")
     return summary
 

@@ -259,17 +259,13 @@ def reweight(
         cfg.data.cache_dir or str(out / "cache"),
     )
     names, k = data.names, len(data.names)
+    stratified = cfg.data.batch_mode == "stratified"
     sampler = StepSampler(
-        data,
-        mode=cfg.data.batch_mode,
-        per_source=cfg.data.per_source,
-        global_batch=cfg.data.global_batch,
-        val_batch=cfg.data.val_batch,
-        micro_batches=cfg.data.micro_batches,
-        rank=rank,
-        world_size=world,
-        seed=cfg.run.seed,
-        pad_token_id=tokenizer.pad_token_id,
+        data, cfg.data.batch_mode, val_batch=cfg.data.val_batch,
+        micro_batches=cfg.data.micro_batches, seed=cfg.run.seed,
+        pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world,
+        per_source=cfg.data.per_source if stratified else None,
+        global_batch=None if stratified else cfg.data.global_batch,
     )
 
     b = cfg.bilevel
@@ -449,6 +445,7 @@ def _tracker(cfg: Config, out: Path, raw_config: dict | None):
         from accelerate.tracking import TensorBoardTracker
 
         tr = TensorBoardTracker("tb", str(out))
+    tr.start()
     if raw_config is not None:
         tr.store_init_configuration(_flatten(raw_config))
     return tr
