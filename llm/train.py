@@ -159,7 +159,7 @@ def bilevel_step(
     k = theta.numel()
     counts = batch.counts.to(device)
     sums = torch.zeros(3 + 2 * k, dtype=torch.float64, device=device)
-    pi = combine.weights(theta.detach()).double().cpu()
+    pi = combine.weights(theta.detach().double()).cpu()  # float64: sums to 1 to ~1e-16
     gn_u = float("nan")
     if order == "alternating":  # u first, at (λ_t, u_t); then λ and w see u_{t+1}
         for tr in batch.train:
@@ -413,7 +413,7 @@ def reweight(
             break
     if tracker is not None:
         tracker.finish()
-    final = simplex_weights(theta.detach(), spec).double().cpu()
+    final = simplex_weights(theta.detach().double(), spec).cpu()
     averaged = weights_sum / max(1, len(rows))
     extra = {
         "steps": len(rows),
