@@ -131,19 +131,25 @@ class _MirrorSoftmax(torch.autograd.Function):
 
 
 def _capped(p: Tensor, cap: Tensor) -> Tensor:
-    """Clip p ∈ Δ at cap (Σcap ≥ 1) and hand the excess to the uncapped entries in proportion."""
+    """Clip p ∈ Δ at cap (Σcap ≥ 1) and hand the excess to the uncapped entries in proportion.
+
+    The result is q = min(cap, c·p) with c such that Σq = 1: a set C of entries sits at its cap and
+    the rest share 1 − Σ_C cap in proportion to p. C only grows (an entry once capped stays
+    capped), so at most K rounds. If every uncapped p_k is 0 (softmax underflow) they share the
+    mass equally instead.
+    """
+    capped = torch.zeros_like(p, dtype=torch.bool)
     out = p
     for _ in range(p.numel()):
-        over = out > cap
+        over = (out > cap) & ~capped
         if not bool(over.any()):
             break
-        excess = (out - cap).clamp_min(0).sum()
-        room = torch.where(over, torch.zeros_like(out), out)
-        total = room.sum()
-        if float(total) <= 0:  # every remaining entry is capped: caps already sum to ≥ 1
-            out = torch.minimum(out, cap)
-            break
-        out = torch.where(over, cap, room + excess * room / total)
+        capped = capped | over
+        base = torch.where(capped, torch.zeros_like(p), p)
+        if float(base.sum()) <= 0:
+            base = (~capped).to(p.dtype)
+        rest = 1.0 - torch.where(capped, cap, torch.zeros_like(cap)).sum()
+        out = torch.where(capped, cap, rest * base / base.sum())
     return out
 
 

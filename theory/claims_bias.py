@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from scalebio.toy_problems.logistic import make_logistic_reweighting
 from scalebio.toy_problems.quadratic import grad_y_upper_norm, make_quadratic
 

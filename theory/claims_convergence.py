@@ -29,11 +29,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scalebio.toy_problems.logistic import make_logistic_reweighting
-from scalebio.toy_problems.quadratic import make_quadratic
 from tqdm.auto import tqdm
 
 from scalebio.solver import ScaleBiOConfig, init, sgd, step
+from scalebio.toy_problems.logistic import make_logistic_reweighting
+from scalebio.toy_problems.quadratic import make_quadratic
 
 from .bounds import (
     inexact_descent_bound,

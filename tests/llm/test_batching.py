@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from helpers_data import alpaca_records, make_char_tokenizer, write_jsonl
+
 from scalebio.llm.batching import StepSampler
 from scalebio.llm.data import SourceSpec, load_sources
 from scalebio.llm.losses import count_targets

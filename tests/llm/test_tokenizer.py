@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from scalebio.llm.tokenizer import (
     CHAR_CHAT_TEMPLATE,
     CHAR_SPECIAL_TOKENS,

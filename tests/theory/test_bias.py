@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.testing import assert_close
+
 from scalebio.theory import claims_bias
 from scalebio.theory.bounds import (
     log_log_slope,
@@ -18,7 +20,6 @@ from scalebio.theory.bounds import (
 )
 from scalebio.toy_problems.logistic import make_logistic_reweighting
 from scalebio.toy_problems.quadratic import grad_y_upper_norm, make_quadratic
-from torch.testing import assert_close
 
 FD_EPS = 1e-4  # central differences of ∇Φ for its Hessian (style.md 12b)
 

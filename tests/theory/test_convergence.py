@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from torch.testing import assert_close
+
 from scalebio.theory import claims_convergence
 from scalebio.theory.bounds import inexact_descent_bound
 from scalebio.toy_problems.quadratic import make_quadratic
-from torch.testing import assert_close
 
 
 def test_inexact_descent_bound_formula():

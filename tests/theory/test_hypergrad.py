@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.testing import assert_close
+
+from scalebio.problem import generic_problem
+from scalebio.solver import evaluate
 from scalebio.theory.hypergrad import (
     exact_hypergradient,
     lower_value,
@@ -13,10 +17,6 @@ from scalebio.theory.hypergrad import (
     solve_penalized,
 )
 from scalebio.toy_problems.quadratic import make_quadratic
-from torch.testing import assert_close
-
-from scalebio.problem import generic_problem
-from scalebio.solver import evaluate
 
 FD_EPS = 1e-4  # central-difference step in float64 (style.md 12b)
 FD_ATOL = 1e-7  # truncation O(eps²)·|Φ'''| ~ 1e-8 for these O(1) smooth problems, rounding ~1e-12

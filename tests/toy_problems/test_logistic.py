@@ -6,6 +6,9 @@ import math
 
 import pytest
 import torch
+from torch.testing import assert_close
+
+from scalebio.simplex import weights
 from scalebio.theory.hypergrad import (
     exact_hypergradient,
     lower_value,
@@ -14,9 +17,6 @@ from scalebio.theory.hypergrad import (
     solve_penalized,
 )
 from scalebio.toy_problems.logistic import make_logistic_reweighting
-from torch.testing import assert_close
-
-from scalebio.simplex import weights
 
 FD_EPS = 1e-4  # central-difference step in float64 (style.md 12b)
 FD_ATOL = 1e-7  # truncation O(eps²)·|Φ'''| ≈ 1e-9 here, rounding ~1e-16/eps ≈ 1e-12

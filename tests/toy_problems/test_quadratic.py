@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.testing import assert_close
+
 from scalebio.theory.hypergrad import (
     exact_hypergradient,
     penalty_hypergradient,
@@ -12,7 +14,6 @@ from scalebio.theory.hypergrad import (
     solve_penalized,
 )
 from scalebio.toy_problems.quadratic import grad_y_upper_norm, make_quadratic
-from torch.testing import assert_close
 
 FD_EPS = 1e-4  # central-difference step in float64 (style.md 12b)
 FD_ATOL = 1e-7  # O(eps²)·|Φ'''| = 0 for a quadratic, plus rounding ~1e-16/eps ≈ 1e-12
