@@ -155,15 +155,15 @@ def _grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
 
 
 def _norm(gs: list[Tensor]) -> float:
-    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs)))
+    # per-tensor norms in the tensor's own dtype (no float64 copy of large vectors), then combined
+    return float(sum(float(torch.linalg.vector_norm(g)) ** 2 for g in gs)) ** 0.5
 
 
 def _apply(opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor],
-           clip: float | None) -> None:
-    norm = _norm(grads)
+           clip: float | None, norm: float) -> None:
     scale = min(1.0, clip / (norm + 1e-12)) if clip is not None else 1.0
     for p, g in zip(params, grads):
-        p.grad = g.detach() * scale
+        p.grad = g.detach() if scale == 1.0 else g.detach() * scale
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -182,12 +182,14 @@ def step(problem: BilevelProblem, state: ScaleBiOState, config: ScaleBiOConfig,
     px, py, pz = [state.x], _params(state.y), _params(state.z)
     terms = evaluate(problem, state.x, state.y, state.z, batch, alpha)
     dz = _grads(terms.surrogate, pz)
+    nz = _norm(dz)
     if config.order == "alternating":
-        _apply(state.opt_z, pz, dz, config.clip_z)
+        _apply(state.opt_z, pz, dz, config.clip_z, nz)
         terms_after = evaluate(problem, state.x, state.y, state.z, batch, alpha)
         dx, dy = _grads(terms_after.surrogate, px), _grads(terms_after.surrogate, py)
     else:
         dx, dy = _grads(terms.surrogate, px), _grads(terms.surrogate, py)
+    nx, ny = _norm(dx), _norm(dy)
 
     pi = problem.weights(state.x).detach() if problem.weights is not None else None
     if pi is not None:
@@ -196,13 +198,13 @@ def step(problem: BilevelProblem, state: ScaleBiOState, config: ScaleBiOConfig,
     metrics = StepMetrics(
         step=state.step, alpha=alpha, upper=float(terms.upper), lower_y=float(terms.lower_y),
         lower_z=float(terms.lower_z), gap=float(terms.gap), psi=float(terms.psi),
-        hypergrad=dx[0].detach().clone(), grad_norm_x=_norm(dx), grad_norm_y=_norm(dy),
-        grad_norm_z=_norm(dz), weights=pi,
+        hypergrad=dx[0].detach().clone(), grad_norm_x=nx, grad_norm_y=ny,
+        grad_norm_z=nz, weights=pi,
         avg_weights=None if wsum is None else wsum / (state.step + 1),
     )
     if config.order == "simultaneous":
-        _apply(state.opt_z, pz, dz, config.clip_z)
-    _apply(state.opt_y, py, dy, config.clip_y)
+        _apply(state.opt_z, pz, dz, config.clip_z, nz)
+    _apply(state.opt_y, py, dy, config.clip_y, ny)
     if state.step >= config.x_warmup_steps:
-        _apply(state.opt_x, px, dx, config.clip_x)
+        _apply(state.opt_x, px, dx, config.clip_x, nx)
     return state._replace(step=state.step + 1, weights_sum=wsum), metrics
