@@ -418,6 +418,8 @@ def reweight(
     extra = {
         "steps": len(rows),
         "names": list(names),
+        "world_size": world,
+        "engine": cfg.engine.kind,
         "dropped_examples": dict(data.dropped),
         "config": raw_config,
     }
