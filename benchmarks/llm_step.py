@@ -28,14 +28,27 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 SHAPES = {
-    "10m": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4,
-                num_key_value_heads=4, vocab_size=8192, num_hidden_layers=8),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, num_hidden_layers=32),
+    "10m": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=8192,
+        num_hidden_layers=8,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        num_hidden_layers=32,
+    ),
 }
 
 
@@ -45,13 +58,12 @@ def _rss_mb() -> float:
 
 def run_variant(args) -> dict:
     from scalebio import make_simplex
-    from scalebio.llm.batching import StepBatch
     from scalebio.llm.engine import OptimizerSpec
     from scalebio.llm.engine_torch import build_single_engine
     from scalebio.llm.lisa import LisaConfig
     from scalebio.llm.losses import per_example_loss
     from scalebio.llm.model import copy_model, load_model
-    from scalebio.llm.train import Combine, bilevel_step
+    from scalebio.llm.step import Combine, bilevel_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -84,9 +96,12 @@ def run_variant(args) -> dict:
 
         def step():
             loss = per_example_loss(
-                eng.module(input_ids=train["input_ids"].to(device),
-                           attention_mask=train["attention_mask"].to(device)).logits,
-                train["labels"].to(device)).mean()
+                eng.module(
+                    input_ids=train["input_ids"].to(device),
+                    attention_mask=train["attention_mask"].to(device),
+                ).logits,
+                train["labels"].to(device),
+            ).mean()
             loss.backward()
             eng.step(1e-5, None)
     else:
@@ -97,13 +112,19 @@ def run_variant(args) -> dict:
             eng_w.set_active_blocks(list(range(args.n_active)))
         theta = torch.zeros(k, device=device, requires_grad=True)
         opt_theta = torch.optim.AdamW([theta], lr=1e-2, weight_decay=0.0)
-        batch = StepBatch([train], [val], torch.bincount(train["source_ids"], minlength=k),
-                          int((val["labels"][:, 1:] != -100).sum()))
+        batch = SimpleNamespace(  # the fields of llm.batching.StepBatch (no `datasets` import)
+            train=[train],
+            val=[val],
+            counts=torch.bincount(train["source_ids"], minlength=k),
+            val_tokens=int((val["labels"][:, 1:] != -100).sum()),
+        )
         combine = Combine(make_simplex(k))
 
         def step():
-            bilevel_step(eng_u, eng_w, theta, opt_theta, batch, combine, 10.0,
-                         (1e-5, 1e-5, 1e-2), None)
+            bilevel_step(
+                eng_u, eng_w, theta, opt_theta, batch, combine, 10.0, (1e-5, 1e-5, 1e-2), None
+            )
+
     times = []
     for i in range(args.warmup + args.steps):
         if cuda:
@@ -115,9 +136,13 @@ def run_variant(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb() - base_rss
-    return {"variant": args.variant, "seconds": statistics.median(times), "peak_mb": peak,
-            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "variant": args.variant,
+        "seconds": statistics.median(times),
+        "peak_mb": peak,
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> None:
@@ -143,13 +168,17 @@ def main() -> None:
             sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     a = results["sft"]
-    print(f"model: llama {args.shape} shape, {a['params'] / 1e6:.1f} M params; batch {args.batch} × "
-          f"{args.seq}; LISA {args.n_active} active blocks; device: {a['device']}; "
-          f"torch {torch.__version__}")
+    print(
+        f"model: llama {args.shape} shape, {a['params'] / 1e6:.1f} M params; batch {args.batch} × "
+        f"{args.seq}; LISA {args.n_active} active blocks; device: {a['device']}; "
+        f"torch {torch.__version__}"
+    )
     print(f"{'variant':<10} {'s/step':>9} {'peak MB':>10} {'time/sft':>9} {'mem/sft':>8}")
     for name, r in results.items():
-        print(f"{name:<10} {r['seconds']:>9.3f} {r['peak_mb']:>10.1f} "
-              f"{r['seconds'] / a['seconds']:>9.2f} {r['peak_mb'] / max(a['peak_mb'], 1e-9):>8.2f}")
+        print(
+            f"{name:<10} {r['seconds']:>9.3f} {r['peak_mb']:>10.1f} "
+            f"{r['seconds'] / a['seconds']:>9.2f} {r['peak_mb'] / max(a['peak_mb'], 1e-9):>8.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from scalebio import make_simplex, penalty_surrogate, weighted_sum
+from scalebio import make_simplex
 from scalebio import weights as simplex_weights
 
 from . import outputs
@@ -34,8 +34,8 @@ from .config import Config, ConfigError
 from .data import load_sources
 from .engine import OptimizerSpec
 from .lisa import LisaConfig, active_blocks_for, find_decoder_blocks
-from .losses import per_example_loss, source_partial_sums, val_partial_sum
 from .model import copy_model, load_model
+from .step import Combine, bilevel_step
 from .tokenizer import load_tokenizer
 
 
@@ -123,108 +123,9 @@ def _vector(d: dict[int, float] | None, k: int, default: float | None, key: str,
     return [d.get(i, default) for i in range(k)]
 
 
-def _forward_losses(model, mb: dict, device) -> torch.Tensor:
-    out = model(
-        input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device)
-    )
-    return out.logits, mb["labels"].to(device)
-
-
 def _model_opt(cfg: Config, lr: float) -> OptimizerSpec:
     b = cfg.bilevel
     return OptimizerSpec(name=b.optimizer, lr=lr, weight_decay=b.weight_decay)
-
-
-def bilevel_step(
-    eng_u,
-    eng_w,
-    theta,
-    opt_theta,
-    batch,
-    combine,
-    alpha: float,
-    lrs,
-    clip,
-    order: str = "simultaneous",
-    world: int = 1,
-    device=None,
-) -> dict:
-    """One ScaleBiO step on a sampler batch (steps 2–4 of the module docstring).
-
-    Returns {"sums": [f, g_w, g_u, ℓ̄(w) (K), ℓ̄(u) (K)] of the global batch (float64, CPU),
-    "weights": π(θ_t) (before the step), grad norms of u, w and λ}.
-    """
-    lr_u, lr_w, lr_lambda = lrs
-    device = theta.device if device is None else device
-    k = theta.numel()
-    counts = batch.counts.to(device)
-    sums = torch.zeros(3 + 2 * k, dtype=torch.float64, device=device)
-    pi = combine.weights(theta.detach().double()).cpu()  # float64: sums to 1 to ~1e-16
-    gn_u = float("nan")
-    if order == "alternating":  # u first, at (λ_t, u_t); then λ and w see u_{t+1}
-        for tr in batch.train:
-            h_u = source_partial_sums(
-                per_example_loss(*_forward_losses(eng_u.module, tr, device)),
-                tr["source_ids"].to(device),
-                counts,
-            )
-            zero = torch.zeros((), dtype=h_u.dtype, device=device)
-            terms = penalty_surrogate(theta, zero, h_u.detach(), h_u, combine, alpha)
-            (terms.surrogate * world).backward()
-        theta.grad = None  # this pass gives λ exactly zero: g(λ, sg u) − g(λ, sg u)
-        gn_u = eng_u.step(lr_u, clip)
-    for tr, va in zip(batch.train, batch.val):
-        src = tr["source_ids"].to(device)
-        h_w = source_partial_sums(
-            per_example_loss(*_forward_losses(eng_w.module, tr, device)), src, counts
-        )
-        with torch.set_grad_enabled(order == "simultaneous"):
-            h_u = source_partial_sums(
-                per_example_loss(*_forward_losses(eng_u.module, tr, device)), src, counts
-            )
-        f = val_partial_sum(*_forward_losses(eng_w.module, va, device), batch.val_tokens)
-        terms = penalty_surrogate(theta, f, h_w, h_u, combine, alpha)
-        (terms.surrogate * world).backward()
-        sums += torch.cat(
-            [
-                torch.stack([terms.upper, terms.lower_y, terms.lower_z]).double(),
-                h_w.detach().double(),
-                h_u.detach().double(),
-            ]
-        )
-    if dist.is_initialized():
-        dist.all_reduce(sums)  # partial sums of global quantities: their sum is the value
-        if theta.grad is not None:
-            dist.all_reduce(theta.grad)
-            theta.grad /= world
-    if order == "simultaneous":
-        gn_u = eng_u.step(lr_u, clip)
-    gn_w = eng_w.step(lr_w, clip)
-    gn_theta = float(theta.grad.norm()) if theta.grad is not None else 0.0
-    for group in opt_theta.param_groups:
-        group["lr"] = lr_lambda
-    opt_theta.step()
-    opt_theta.zero_grad(set_to_none=True)
-    return {
-        "sums": sums.cpu(),
-        "weights": pi,
-        "grad_norm_u": gn_u,
-        "grad_norm_w": gn_w,
-        "grad_norm_lambda": gn_theta,
-    }
-
-
-class Combine:
-    """G(θ, h) = Σ_k π_k(θ) h_k for the penalty surrogate, remembering π's parametrization."""
-
-    def __init__(self, spec):
-        self.spec = spec
-
-    def weights(self, theta):
-        return simplex_weights(theta, self.spec)
-
-    def __call__(self, theta, h):
-        return weighted_sum(simplex_weights(theta, self.spec), h)
 
 
 # ---------------------------------------------------------------- the loop
@@ -261,9 +162,14 @@ def reweight(
     names, k = data.names, len(data.names)
     stratified = cfg.data.batch_mode == "stratified"
     sampler = StepSampler(
-        data, cfg.data.batch_mode, val_batch=cfg.data.val_batch,
-        micro_batches=cfg.data.micro_batches, seed=cfg.run.seed,
-        pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world,
+        data,
+        cfg.data.batch_mode,
+        val_batch=cfg.data.val_batch,
+        micro_batches=cfg.data.micro_batches,
+        seed=cfg.run.seed,
+        pad_token_id=tokenizer.pad_token_id,
+        rank=rank,
+        world_size=world,
         per_source=cfg.data.per_source if stratified else None,
         global_batch=None if stratified else cfg.data.global_batch,
     )
