@@ -146,7 +146,7 @@ def _capped(p: Tensor, cap: Tensor) -> Tensor:
             break
         capped = capped | over
         base = torch.where(capped, torch.zeros_like(p), p)
-        if float(base.sum()) <= 0:
+        if float(base.detach().sum()) <= 0:
             base = (~capped).to(p.dtype)
         rest = 1.0 - torch.where(capped, cap, torch.zeros_like(cap)).sum()
         out = torch.where(capped, cap, rest * base / base.sum())
