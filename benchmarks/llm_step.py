@@ -87,7 +87,8 @@ def run_variant(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     dtype = "bfloat16" if cuda else "float32"
-    model = load_model(config=cfg, dtype=dtype).to(device)
+    with torch.device(device):  # build directly on the GPU (an 8B-shaped init on CPU is slow)
+        model = load_model(config=cfg, dtype=dtype)
     opt = OptimizerSpec("adamw", lr=1e-5)
     lisa = LisaConfig(n_active=args.n_active, period=10**9) if args.variant == "lisa" else None
     train, val = make_batch(True), make_batch(False)

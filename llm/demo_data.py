@@ -86,7 +86,7 @@ def addition_examples(
 
 
 def _continuation(text: str, lead: str) -> dict | None:
-    """Split ``text`` at a space into a prompt of >= MIN_PROMPT_CHARS and a <= MAX_RESPONSE_CHARS response."""
+    """Split ``text`` at a space: prompt >= MIN_PROMPT_CHARS, response <= MAX_RESPONSE_CHARS."""
     words = text.split(" ")
     for cut in range(1, len(words)):
         prompt = " ".join(words[:cut])

@@ -163,16 +163,16 @@ def weights(logits: Tensor, spec: SimplexSpec) -> Tensor:
         raise ValueError(
             f"logits: expected shape ({spec.num_sources},), got {tuple(logits.shape)}"
         )
-    dt = logits.dtype
-    free = torch.isnan(spec.fixed)
-    fixed_vals = torch.nan_to_num(spec.fixed, nan=0.0).to(dt)
+    dt, dev = logits.dtype, logits.device
+    free = torch.isnan(spec.fixed).to(dev)
+    fixed_vals = torch.nan_to_num(spec.fixed, nan=0.0).to(dev, dt)
     rest = 1.0 - float(fixed_vals.sum())
-    z = logits[free] + spec.log_prior[free].to(dt)
+    z = logits[free] + spec.log_prior.to(dev, dt)[free]
     p = _MirrorSoftmax.apply(z) if spec.geometry == "mirror" else torch.softmax(z, dim=-1)
     if rest <= 0:
         return fixed_vals
-    lo = spec.floor[free].to(dt) / rest
-    hi = spec.cap[free].to(dt) / rest
+    lo = spec.floor.to(dev, dt)[free] / rest
+    hi = spec.cap.to(dev, dt)[free] / rest
     lo_mass = float(lo.sum())
     if float((hi < 1).sum()) > 0:
         scale = 1.0 - lo_mass

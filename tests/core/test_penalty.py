@@ -1,4 +1,4 @@
-"""The surrogate S carries exactly the ScaleBiO directions: ∇_x S = ∇_x Ψ, ∇_y S = ∇_y Ψ, ∇_z S = −∇_z Ψ."""
+"""The surrogate S carries the ScaleBiO directions: ∇_x S = ∇_x Ψ, ∇_y S = ∇_y Ψ, ∇_z S = −∇_z Ψ."""
 
 from __future__ import annotations
 
@@ -47,11 +47,18 @@ def test_reweighting_direction_matches_softmax_jacobian_formula():
     # g_θ,k = α π_k [Δ_k − Σ_j π_j Δ_j], Δ = ℓ̄(y) − ℓ̄(z)  (method.md §2.1)
     g = torch.Generator().manual_seed(3)
     theta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
-    ly, lz = torch.rand(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64)
+    ly, lz = (
+        torch.rand(5, generator=g, dtype=torch.float64),
+        torch.rand(5, generator=g, dtype=torch.float64),
+    )
     alpha = 7.0
     terms = penalty_surrogate(
-        theta, torch.zeros((), dtype=torch.float64), ly, lz,
-        lambda th, h: weighted_sum(torch.softmax(th, 0), h), alpha,
+        theta,
+        torch.zeros((), dtype=torch.float64),
+        ly,
+        lz,
+        lambda th, h: weighted_sum(torch.softmax(th, 0), h),
+        alpha,
     )
     (gth,) = torch.autograd.grad(terms.surrogate, [theta])
     pi = torch.softmax(theta.detach(), 0)

@@ -51,8 +51,9 @@ def test_simultaneous_sgd_step_is_gradient_descent_ascent():
 
 def test_alternating_order_steps_z_first():
     prob, f, lower, x0, y0, z0 = _quadratic(1)
-    cfg = sb.ScaleBiOConfig(alpha=2.0, opt_x=sb.sgd(0.1), opt_y=sb.sgd(0.05), opt_z=sb.sgd(0.05),
-                            order="alternating")
+    cfg = sb.ScaleBiOConfig(
+        alpha=2.0, opt_x=sb.sgd(0.1), opt_y=sb.sgd(0.05), opt_z=sb.sgd(0.05), order="alternating"
+    )
     state = sb.init(prob, x0, y0, cfg, z0=z0)
     state, _ = sb.step(prob, state, cfg)
     _, _, gz = _psi_grads(f, lower, x0, y0, z0, 2.0)
@@ -65,13 +66,19 @@ def test_alternating_order_steps_z_first():
 
 def test_adamw_steps_match_torch_adamw_on_psi_gradients():
     prob, f, lower, x0, y0, z0 = _quadratic(2)
-    cfg = sb.ScaleBiOConfig(alpha=5.0, opt_x=sb.adamw(1e-2), opt_y=sb.adamw(2e-2),
-                            opt_z=sb.adamw(3e-2, weight_decay=0.1))
+    cfg = sb.ScaleBiOConfig(
+        alpha=5.0,
+        opt_x=sb.adamw(1e-2),
+        opt_y=sb.adamw(2e-2),
+        opt_z=sb.adamw(3e-2, weight_decay=0.1),
+    )
     state = sb.init(prob, x0, y0, cfg, z0=z0)
     ref = [t.clone().requires_grad_(True) for t in (x0, y0, z0)]
-    ref_opts = [torch.optim.AdamW([ref[0]], lr=1e-2, weight_decay=0.0),
-                torch.optim.AdamW([ref[1]], lr=2e-2, weight_decay=0.0),
-                torch.optim.AdamW([ref[2]], lr=3e-2, weight_decay=0.1)]
+    ref_opts = [
+        torch.optim.AdamW([ref[0]], lr=1e-2, weight_decay=0.0),
+        torch.optim.AdamW([ref[1]], lr=2e-2, weight_decay=0.0),
+        torch.optim.AdamW([ref[2]], lr=3e-2, weight_decay=0.1),
+    ]
     for _ in range(5):
         state, _ = sb.step(prob, state, cfg)
         gx, gy, gz = _psi_grads(f, lower, *ref, 5.0)
@@ -85,8 +92,13 @@ def test_adamw_steps_match_torch_adamw_on_psi_gradients():
 
 def test_geometric_alpha_scales_step_sizes_inversely():
     prob, f, lower, x0, y0, z0 = _quadratic(3)
-    cfg = sb.ScaleBiOConfig(alpha=2.0, opt_x=sb.sgd(0.1), opt_y=sb.sgd(0.01), opt_z=sb.sgd(0.01),
-                            alpha_schedule=sb.geometric_alpha(tau=10.0, every=2))
+    cfg = sb.ScaleBiOConfig(
+        alpha=2.0,
+        opt_x=sb.sgd(0.1),
+        opt_y=sb.sgd(0.01),
+        opt_z=sb.sgd(0.01),
+        alpha_schedule=sb.geometric_alpha(tau=10.0, every=2),
+    )
     state = sb.init(prob, x0, y0, cfg, z0=z0)
     alphas = []
     for _ in range(5):
@@ -103,8 +115,15 @@ def test_geometric_alpha_scales_step_sizes_inversely():
 def test_clipping_bounds_each_direction():
     prob, f, lower, x0, y0, z0 = _quadratic(4)
     clip = 1e-3  # far below every gradient norm here, so every direction is clipped
-    cfg = sb.ScaleBiOConfig(alpha=3.0, opt_x=sb.sgd(1.0), opt_y=sb.sgd(1.0), opt_z=sb.sgd(1.0),
-                            clip_x=clip, clip_y=clip, clip_z=clip)
+    cfg = sb.ScaleBiOConfig(
+        alpha=3.0,
+        opt_x=sb.sgd(1.0),
+        opt_y=sb.sgd(1.0),
+        opt_z=sb.sgd(1.0),
+        clip_x=clip,
+        clip_y=clip,
+        clip_z=clip,
+    )
     state = sb.init(prob, x0, y0, cfg, z0=z0)
     state, _ = sb.step(prob, state, cfg)
     gx, gy, gz = _psi_grads(f, lower, x0, y0, z0, 3.0)
@@ -125,16 +144,20 @@ def test_x_warmup_skips_the_whole_x_step():
 
 
 def test_module_variable_matches_tensor_variable():
-    """Per-source losses of an nn.Linear model equal the same losses written on its weight tensor."""
+    """Per-source losses of an nn.Linear model equal the same losses written on its weights."""
     g = torch.Generator().manual_seed(6)
     feats = [torch.randn(8, 3, generator=g, dtype=torch.float64) for _ in range(3)]
     targets = [torch.randn(8, generator=g, dtype=torch.float64) for _ in range(3)]
-    xv, yv = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, generator=g,
-                                                                              dtype=torch.float64)
+    xv, yv = (
+        torch.randn(8, 3, generator=g, dtype=torch.float64),
+        torch.randn(8, generator=g, dtype=torch.float64),
+    )
     spec = sb.make_simplex(3)
 
     def losses_module(model, batch):
-        return torch.stack([((model(a).squeeze(-1) - t) ** 2).mean() for a, t in zip(feats, targets)])
+        return torch.stack(
+            [((model(a).squeeze(-1) - t) ** 2).mean() for a, t in zip(feats, targets)]
+        )
 
     def losses_tensor(w, batch):
         return torch.stack([((a @ w - t) ** 2).mean() for a, t in zip(feats, targets)])
@@ -144,9 +167,13 @@ def test_module_variable_matches_tensor_variable():
     with torch.no_grad():
         model.weight.copy_(w0[None])
     cfg = sb.ScaleBiOConfig(alpha=4.0, opt_x=sb.sgd(0.5), opt_y=sb.sgd(0.05), opt_z=sb.sgd(0.05))
-    pm = sb.reweighting_problem(lambda m, b: ((m(xv).squeeze(-1) - yv) ** 2).mean(), losses_module, spec)
+    pm = sb.reweighting_problem(
+        lambda m, b: ((m(xv).squeeze(-1) - yv) ** 2).mean(), losses_module, spec
+    )
     pt = sb.reweighting_problem(lambda w, b: ((xv @ w - yv) ** 2).mean(), losses_tensor, spec)
-    rm = sb.run(pm, sb.init_logits(spec, torch.float64), copy.deepcopy(model), cfg, 20, progress=False)
+    rm = sb.run(
+        pm, sb.init_logits(spec, torch.float64), copy.deepcopy(model), cfg, 20, progress=False
+    )
     rt = sb.run(pt, sb.init_logits(spec, torch.float64), w0, cfg, 20, progress=False)
     assert_close(rm.state.x.detach(), rt.state.x.detach())
     assert_close(rm.state.y.weight.detach()[0], rt.state.y.detach())
@@ -160,8 +187,14 @@ def test_reweighting_metrics_and_list_of_closures():
     closures = [lambda w, b, c=c: 0.5 * ((w - c) ** 2).sum() for c in centers]
     prob = sb.reweighting_problem(lambda w, b: 0.5 * ((w - centers[0]) ** 2).sum(), closures, spec)
     cfg = sb.ScaleBiOConfig(alpha=10.0, opt_x=sb.sgd(0.5), opt_y=sb.sgd(0.05), opt_z=sb.sgd(0.05))
-    res = sb.run(prob, sb.init_logits(spec, torch.float64), torch.zeros(2, dtype=torch.float64), cfg,
-                 300, progress=False)
+    res = sb.run(
+        prob,
+        sb.init_logits(spec, torch.float64),
+        torch.zeros(2, dtype=torch.float64),
+        cfg,
+        300,
+        progress=False,
+    )
     ws = torch.stack([m.weights for m in res.history])
     assert_close(res.avg_weights, ws.mean(0))
     assert_close(ws.sum(1), torch.ones(len(ws), dtype=torch.float64))
@@ -171,7 +204,7 @@ def test_reweighting_metrics_and_list_of_closures():
 
 
 def test_bad_inputs_are_named():
-    prob, *_ , x0, y0, z0 = _quadratic()
+    prob, *_, x0, y0, z0 = _quadratic()
     with pytest.raises(ValueError, match="alpha"):
         sb.ScaleBiOConfig(alpha=0.0)
     with pytest.raises(ValueError, match="order"):
@@ -187,7 +220,11 @@ def test_bad_inputs_are_named():
     spec = sb.make_simplex(2)
     rp = sb.reweighting_problem(lambda w, b: w.sum(), lambda w, b: torch.stack([w.sum()] * 3), spec)
     with pytest.raises(ValueError, match="source_losses"):
-        sb.step(rp, sb.init(rp, torch.zeros(2), torch.zeros(1), sb.ScaleBiOConfig()), sb.ScaleBiOConfig())
+        sb.step(
+            rp,
+            sb.init(rp, torch.zeros(2), torch.zeros(1), sb.ScaleBiOConfig()),
+            sb.ScaleBiOConfig(),
+        )
     with pytest.raises(ValueError, match="source_losses"):
         sb.reweighting_problem(lambda w, b: w.sum(), [lambda w, b: w.sum()], spec)
     with pytest.raises(ValueError, match="num_sources"):

@@ -19,27 +19,55 @@ from scalebio.llm.cli import reweight_main
 from scalebio.llm.demo_data import write_demo_sources
 from scalebio.llm.tokenizer import CHAR_SPECIAL_TOKENS, char_vocab
 
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
-        "vocab_size": len(char_vocab()), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "vocab_size": len(char_vocab()),
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 assert CHAR_SPECIAL_TOKENS[:3] == ("<pad>", "<s>", "</s>")
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    return write_demo_sources(d, seed=3, n_train_per_source=40, n_val=16,
-                              corruption_rates=(0.5, 1.0), off_target=("prose",))
+    return write_demo_sources(
+        d,
+        seed=3,
+        n_train_per_source=40,
+        n_val=16,
+        corruption_rates=(0.5, 1.0),
+        off_target=("prose",),
+    )
 
 
 def _config(tmp: Path, sources: dict, steps: int = 6, **bilevel) -> Path:
     raw = {
         "model": {"config": TINY, "tokenizer": "char"},
-        "data": {"sources": sources["sources"], "validation": [sources["val"]], "max_length": 48,
-                 "per_source": 4, "val_batch": 8, "micro_batches": 2,
-                 "cache_dir": str(tmp / "cache")},
-        "bilevel": {"steps": steps, "alpha": 1.0, "lr_u": 1e-2, "lr_w": 1e-2, "lr_lambda": 0.1,
-                    **bilevel},
+        "data": {
+            "sources": sources["sources"],
+            "validation": [sources["val"]],
+            "max_length": 48,
+            "per_source": 4,
+            "val_batch": 8,
+            "micro_batches": 2,
+            "cache_dir": str(tmp / "cache"),
+        },
+        "bilevel": {
+            "steps": steps,
+            "alpha": 1.0,
+            "lr_u": 1e-2,
+            "lr_w": 1e-2,
+            "lr_lambda": 0.1,
+            **bilevel,
+        },
         "run": {"seed": 1, "checkpoint_every": 1, "tracker": "none", "threads": 1},
     }
     p = tmp / "cfg.yaml"
@@ -68,8 +96,21 @@ def test_reweight_writes_outputs_and_refuses_to_overwrite(tmp_path, sources, cap
     assert reweight_main(["--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "weights.json").read_bytes() == before  # nothing lost
-    assert reweight_main(["--config", str(cfg), "--out", str(out), "--no-progress",
-                          "--overwrite", "--bilevel.steps", "2"]) == 0
+    assert (
+        reweight_main(
+            [
+                "--config",
+                str(cfg),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--overwrite",
+                "--bilevel.steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert len(_rows(out)) == 2
 
 
@@ -82,12 +123,17 @@ def test_sigkill_then_resume_gives_the_same_trajectory(tmp_path, sources):
     cfg = _config(tmp_path, sources, steps=steps)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
-    subprocess.run(_cli(["--config", str(cfg), "--out", str(ref)]), env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _cli(["--config", str(cfg), "--out", str(ref)]), env=env, check=True, capture_output=True
+    )
     kill_at = 3 + int.from_bytes(os.urandom(1), "little") % 3  # a random step in 3..5
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(["--config", str(cfg), "--out", str(out)]), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(["--config", str(cfg), "--out", str(out)]),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not (out / "checkpoints" / f"step_{kill_at:08d}").exists():
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -96,15 +142,33 @@ def test_sigkill_then_resume_gives_the_same_trajectory(tmp_path, sources):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "weights.json").exists()
-    subprocess.run(_cli(["--config", str(cfg), "--out", str(out), "--resume"]), env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        _cli(["--config", str(cfg), "--out", str(out), "--resume"]),
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     assert _rows(out) == _rows(ref), f"trajectories differ after a kill at step {kill_at}"
-    a, b = json.loads((out / "weights.json").read_text()), json.loads((ref / "weights.json").read_text())
+    a, b = (
+        json.loads((out / "weights.json").read_text()),
+        json.loads((ref / "weights.json").read_text()),
+    )
     assert a["weights"] == b["weights"] and a["averaged_weights"] == b["averaged_weights"]
 
 
-@pytest.mark.parametrize("case", ["missing", "malformed", "format", "duplicate", "truncated",
-                                  "config_value", "unknown_key", "prior_name"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "malformed",
+        "format",
+        "duplicate",
+        "truncated",
+        "config_value",
+        "unknown_key",
+        "prior_name",
+    ],
+)
 def test_bad_input_gets_one_clear_error(tmp_path, sources, capsys, case):
     raw = yaml.safe_load(_config(tmp_path, sources).read_text())
     src = raw["data"]["sources"]
@@ -140,6 +204,8 @@ def test_bad_input_gets_one_clear_error(tmp_path, sources, capsys, case):
     out = tmp_path / "out"
     capsys.readouterr()
     assert reweight_main(["--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("scalebio: error:")]
+    errors = [
+        ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("scalebio: error:")
+    ]
     assert len(errors) == 1 and expect in errors[0], errors
     assert not (out / "weights.json").exists()
