@@ -252,20 +252,15 @@ def reweight(
                 eng.set_active_blocks(active_blocks_for(step, cfg.run.seed, num_blocks, lisa, name))
         batch = sampler.batch(step)
         lrs = (b.lr_u * scale, b.lr_w * scale, b.lr_lambda * scale)
-        m = bilevel_step(
-            eng_u,
-            eng_w,
-            theta,
-            opt_theta,
-            batch,
-            combine,
-            alpha,
-            lrs,
-            None if b.clip is None else b.clip * alpha,
-            b.order,
-            world,
-            device,
-        )
+        clip = None if b.clip is None else b.clip * alpha
+        try:
+            m = bilevel_step(eng_u, eng_w, theta, opt_theta, batch, combine, alpha, lrs, clip,
+                             b.order, world, device)
+        except FloatingPointError as e:  # name the step and the usual cure
+            raise FloatingPointError(
+                f"step {step}: {e}; the models diverged: lower bilevel.lr_u / bilevel.lr_w "
+                "or set bilevel.clip"
+            ) from None
         if not torch.isfinite(theta).all():
             raise FloatingPointError(f"step {step}: λ became non-finite; lower bilevel.lr_lambda")
         s, pi = m["sums"], m["weights"]  # π is π(θ_t), the weights this step was evaluated at

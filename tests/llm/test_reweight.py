@@ -167,6 +167,7 @@ def test_sigkill_then_resume_gives_the_same_trajectory(tmp_path, sources):
         "config_value",
         "unknown_key",
         "prior_name",
+        "non_finite",
     ],
 )
 def test_bad_input_gets_one_clear_error(tmp_path, sources, capsys, case):
@@ -199,6 +200,9 @@ def test_bad_input_gets_one_clear_error(tmp_path, sources, capsys, case):
     elif case == "prior_name":
         raw["bilevel"]["prior"] = {"nosuch": 1.0}
         expect = "nosuch"
+    elif case == "non_finite":  # plain SGD with an absurd step: the losses overflow
+        raw["bilevel"].update(optimizer="sgd", lr_u=1e30, lr_w=1e30)
+        expect = "not finite"
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"

@@ -1,5 +1,6 @@
-"""Two ranks (gloo) reproduce the one-rank run: the same global batch, split over ranks, gives the
-same weights; the run reports world size 2, so a silent single-process fallback fails."""
+"""Two ranks (gloo) reproduce the one-rank run on every engine: the same global batch, split over
+ranks, gives the same weights, with LISA switching blocks on the way; the run reports world size 2,
+so a silent single-process fallback fails."""
 
 from __future__ import annotations
 
@@ -24,7 +25,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("engine", ["ddp"])
+ENGINES = [
+    pytest.param(["--engine.kind", "ddp"], id="ddp"),
+    pytest.param(["--engine.kind", "fsdp2"], id="fsdp2"),
+    pytest.param(["--engine.kind", "deepspeed", "--engine.zero_stage", "3"], id="zero3",
+                 marks=pytest.mark.deepspeed),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_two_ranks_match_one_rank(tmp_path, engine):
     data = write_demo_sources(tmp_path / "data", seed=5, n_train_per_source=24, n_val=12,
                               corruption_rates=(1.0,), off_target=())
@@ -34,6 +43,7 @@ def test_two_ranks_match_one_rank(tmp_path, engine):
                  "per_source": 4, "val_batch": 8, "micro_batches": 2,
                  "cache_dir": str(tmp_path / "cache")},
         "bilevel": {"steps": 4, "alpha": 1.0, "lr_u": 1e-2, "lr_w": 1e-2, "lr_lambda": 0.1},
+        "lisa": {"enabled": True, "n_active": 1, "period": 2},  # switches at steps 0 and 2
         "run": {"seed": 2, "checkpoint_every": 0, "tracker": "none", "threads": 1},
     }
     cfg = tmp_path / "cfg.yaml"
@@ -46,13 +56,12 @@ def test_two_ranks_match_one_rank(tmp_path, engine):
     # micro_batches counts per rank: 2 ranks × 1 micro-batch = the same 2 chunks as above
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), "-m", "scalebio", "reweight", "--config", str(cfg),
-           "--out", str(two), "--no-progress", "--engine.kind", engine,
-           "--data.micro_batches", "1"]
+           "--out", str(two), "--no-progress", "--data.micro_batches", "1", *engine]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     a = json.loads((one / "weights.json").read_text())
     b = json.loads((two / "weights.json").read_text())
-    assert a["world_size"] == 1 and b["world_size"] == 2
+    assert a["world_size"] == 1 and b["world_size"] == 2 and b["engine"] == engine[1]
     for name in a["weights"]:
         assert abs(a["weights"][name] - b["weights"][name]) < DIST_TOL, name
     assert max(abs(w - 0.5) for w in a["weights"].values()) > 1e-3  # the weights did move
