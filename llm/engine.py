@@ -265,3 +265,22 @@ class LisaOptimizer:
         for name, value in state["optimizer"].items():
             t = self._opt_tensor(params[name])
             self.optimizer.state[t] = copy.deepcopy(value)
+
+
+# ---------------------------------------------------------------------------- checkpoint state
+def engine_state(module: nn.Module, opt: LisaOptimizer) -> dict:
+    """Copy of the weights and buffers plus the LISA optimizer's state (torch and FSDP2 engines).
+
+    Under FSDP2 the values are the local DTensor shards, keyed by name.
+    """
+    model = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {"model": model, **opt.state_dict()}
+
+
+def load_engine_state(module: nn.Module, opt: LisaOptimizer, params: dict, state: dict) -> None:
+    """Inverse of :func:`engine_state` (bitwise); ``params`` maps names to parameters."""
+    if "model" not in state:
+        raise KeyError("engine state dict is missing the field 'model'")
+    module.load_state_dict(state["model"])
+    opt.load_state_dict(state, params)
+

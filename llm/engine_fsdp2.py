@@ -28,7 +28,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from .engine import LisaOptimizer, OptimizerSpec, clip_grad_norm
+from .engine import (
+    LisaOptimizer,
+    OptimizerSpec,
+    clip_grad_norm,
+    engine_state,
+    load_engine_state,
+)
 from .lisa import LisaConfig, find_decoder_blocks, lisa_layout
 
 
@@ -57,15 +63,11 @@ class Fsdp2Engine:
 
     def state_dict(self) -> dict:
         """Sharded copy: weights, active blocks, optimizer state, masters (DTensors by name)."""
-        model = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        return {"model": model, **self.opt.state_dict()}
+        return engine_state(self.module, self.opt)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned (same world size, or resharded by ``dcp.load``)."""
-        if "model" not in state:
-            raise KeyError("engine state dict is missing the field 'model'")
-        self.module.load_state_dict(state["model"])
-        self.opt.load_state_dict(state, self._params)
+        load_engine_state(self.module, self.opt, self._params, state)
 
     def full_model_state_dict(self) -> dict:
         """Full weights gathered to CPU on rank 0 (empty dict elsewhere); call on every rank."""

@@ -20,7 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine import LisaOptimizer, OptimizerSpec, clip_grad_norm
+from .engine import (
+    LisaOptimizer,
+    OptimizerSpec,
+    clip_grad_norm,
+    engine_state,
+    load_engine_state,
+)
 from .lisa import LisaConfig, lisa_layout
 
 
@@ -67,15 +73,11 @@ class TorchEngine:
 
     def state_dict(self) -> dict:
         """Deep copy of weights, buffers, active blocks, optimizer state and masters."""
-        model = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        return {"model": model, **self.opt.state_dict()}
+        return engine_state(self.module, self.opt)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned (bitwise)."""
-        if "model" not in state:
-            raise KeyError("engine state dict is missing the field 'model'")
-        self.module.load_state_dict(state["model"])
-        self.opt.load_state_dict(state, self._params)
+        load_engine_state(self.module, self.opt, self._params, state)
 
     def full_model_state_dict(self) -> dict:
         """Full weights on CPU (every rank holds them all)."""
