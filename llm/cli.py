@@ -84,3 +84,41 @@ def demo_main(argv: list[str]) -> int:
     except (DataError, OutputError, ImportError) as e:
         return _fail(str(e))
     return 0 if summary["clean_highest"] else 1
+
+
+def mix_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="scalebio mix",
+        description="Build a training mixture of N examples from learned weights: per-source "
+        "counts by largest-remainder (Hamilton) rounding, seeded draws, and ready-to-paste "
+        "configs for TRL, LlamaFactory and axolotl (see scalebio/llm/mix.py).",
+    )
+    p.add_argument("--weights", required=True, help="weights.json written by scalebio reweight")
+    p.add_argument("--config", default=None,
+                   help="config whose data.sources to read (default: the one in weights.json)")
+    p.add_argument("--num-examples", type=int, required=True, help="N, the rows to draw")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--averaged", action="store_true",
+                   help="use the time-averaged weights instead of the final ones")
+    p.add_argument("--when-short", choices=("upsample", "cap"), default="upsample",
+                   help="a source with fewer records than its count: upsample (repeat records, "
+                   "default) or cap (take each once; the mixture has fewer rows)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from .data import DataError
+    from .mix import MixError, mix
+
+    try:
+        manifest = mix(args.weights, args.out, args.num_examples, config_path=args.config,
+                       seed=args.seed, averaged=args.averaged, when_short=args.when_short,
+                       overwrite=args.overwrite, progress=not args.no_progress)
+    except (MixError, DataError, OSError) as e:
+        return _fail(str(e))
+    print(f"{'source':<24} {'weight':>8} {'requested':>9} {'taken':>7} {'available':>9}")
+    for s in manifest["sources"]:
+        print(f"{s['name']:<24} {manifest['weights'][s['name']]:>8.4f} {s['requested']:>9} "
+              f"{s['taken']:>7} {s['available']:>9}")
+    print(f"{manifest['num_examples_written']} rows -> {Path(args.out) / 'mixture.jsonl'}")
+    return 0

@@ -18,6 +18,12 @@ def _reweight(argv: list[str]) -> int:
     return reweight_main(argv)
 
 
+def _mix(argv: list[str]) -> int:
+    from scalebio.llm.cli import mix_main
+
+    return mix_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from scalebio.llm.cli import demo_main
 
@@ -26,6 +32,7 @@ def _demo(argv: list[str]) -> int:
 
 COMMANDS = {
     "demo": (_demo, "learn weights on a built-in task with known answers (no download)"),
+    "mix": (_mix, "draw a training mixture of N examples from learned weights"),
     "reweight": (_reweight, "learn mixture weights over the sources of a config"),
     "validate": (_validate, "check every theoretical claim on the toy problems; write a report"),
 }
