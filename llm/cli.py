@@ -122,3 +122,120 @@ def mix_main(argv: list[str]) -> int:
               f"{s['taken']:>7} {s['available']:>9}")
     print(f"{manifest['num_examples_written']} rows -> {Path(args.out) / 'mixture.jsonl'}")
     return 0
+
+
+def sft_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="scalebio sft",
+        description="Fine-tune the config's model on a mixture (scalebio mix output). Uses the "
+        "model/engine/lisa/run sections, data.validation/max_length/global_batch/micro_batches and "
+        "bilevel.steps/lr_w/optimizer/weight_decay/clip/schedule/warmup_ratio (llm/sft.py). "
+        "Override any value with --section.key value.",
+    )
+    p.add_argument("--config", required=True, help="YAML/JSON run configuration")
+    p.add_argument("--data", required=True,
+                   help="mixture file (.jsonl/.json/.parquet) or a scalebio mix output folder")
+    p.add_argument("--format", default="messages", choices=("messages", "alpaca", "sharegpt"),
+                   help="record format of the mixture (default: messages, as scalebio mix writes)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true")
+    args, overrides = p.parse_known_args(argv)
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .outputs import OutputError
+
+    try:
+        cfg, _ = load_config(args.config, overrides)
+        from .sft import sft
+
+        rows = sft(cfg, args.data, Path(args.out), data_format=args.format, resume=args.resume,
+                   overwrite=args.overwrite, progress=not args.no_progress)
+    except (ConfigError, DataError, OutputError, FloatingPointError, FileNotFoundError) as e:
+        return _fail(str(e))
+    print(f"{len(rows)} steps, final loss {rows[-1]['loss']:.4f} -> {Path(args.out) / 'model'}")
+    return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="scalebio evaluate",
+        description="Token-mean loss of a saved model on each data.sources file and each "
+        "data.validation file of a config, and greedy-answer accuracy on examples with a numeric "
+        "final answer (llm/evaluate.py).",
+    )
+    p.add_argument("--model", required=True,
+                   help="folder written by save_pretrained (sft's OUT/model)")
+    p.add_argument("--config", required=True, help="YAML/JSON run configuration")
+    p.add_argument("--out", required=True, help="output folder (results.json)")
+    p.add_argument("--max-examples", type=int, default=200, help="examples per set (default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true")
+    args, overrides = p.parse_known_args(argv)
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .outputs import OutputError
+
+    try:
+        cfg, _ = load_config(args.config, overrides)
+        from .evaluate import evaluate, format_table
+
+        doc = evaluate(args.model, cfg, Path(args.out), max_examples=args.max_examples,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ConfigError, DataError, OutputError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    print(format_table(doc))
+    return 0
+
+
+def baseline_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="scalebio baseline",
+        description="Mixture weights by a baseline method, written as weights.json like scalebio "
+        "reweight (llm/baselines/). Same config as reweight; override values with --section.key "
+        "value. Trained models use --steps (default bilevel.steps) AdamW steps at --lr (default "
+        "bilevel.lr_u) on the config's batches.",
+    )
+    p.add_argument("--method", required=True, choices=("uniform", "size", "doremi", "rho", "less"))
+    p.add_argument("--config", required=True, help="YAML/JSON run configuration")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=None, help="steps per trained model")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of trained models")
+    p.add_argument("--eta", type=float, default=1.0, help="DoReMi step size")
+    p.add_argument("--smoothing", type=float, default=1e-3, help="DoReMi smoothing c")
+    p.add_argument("--rule", choices=("softmax", "positive"), default="softmax",
+                   help="rho/less: softmax(score/T) or proportional to the positive part")
+    p.add_argument("--temperature", type=float, default=1.0, help="T of --rule softmax")
+    p.add_argument("--proj-dim", type=int, default=64, help="LESS projection dimension")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="LESS: also write selected.json with the top fraction of examples")
+    p.add_argument("--max-examples", type=int, default=256,
+                   help="rho/less: examples scored per source and of validation")
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true")
+    args, overrides = p.parse_known_args(argv)
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .outputs import OutputError
+
+    try:
+        cfg, raw = load_config(args.config, overrides)
+        from .baselines import BaselineArgs, run_baseline
+
+        bargs = BaselineArgs(steps=args.steps, lr=args.lr, eta=args.eta, smoothing=args.smoothing,
+                             rule=args.rule, temperature=args.temperature,
+                             proj_dim=args.proj_dim, top_p=args.top_p,
+                             max_examples=args.max_examples, eval_batch=args.eval_batch)
+        doc = run_baseline(cfg, args.method, bargs, Path(args.out), overwrite=args.overwrite,
+                           progress=not args.no_progress, raw_config=raw)
+    except (ConfigError, DataError, OutputError, FloatingPointError, FileNotFoundError) as e:
+        return _fail(str(e))
+    for name, w in sorted(doc["weights"].items(), key=lambda kv: -kv[1]):
+        print(f"{name:<24} {w:.4f}")
+    return 0

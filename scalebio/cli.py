@@ -30,10 +30,31 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _sft(argv: list[str]) -> int:
+    from scalebio.llm.cli import sft_main
+
+    return sft_main(argv)
+
+
+def _evaluate(argv: list[str]) -> int:
+    from scalebio.llm.cli import evaluate_main
+
+    return evaluate_main(argv)
+
+
+def _baseline(argv: list[str]) -> int:
+    from scalebio.llm.cli import baseline_main
+
+    return baseline_main(argv)
+
+
 COMMANDS = {
+    "baseline": (_baseline, "mixture weights by uniform, size, DoReMi, RHO-LOSS or LESS"),
     "demo": (_demo, "learn weights on a built-in task with known answers (no download)"),
     "mix": (_mix, "draw a training mixture of N examples from learned weights"),
     "reweight": (_reweight, "learn mixture weights over the sources of a config"),
+    "sft": (_sft, "fine-tune a model on a mixture (scalebio mix output)"),
+    "evaluate": (_evaluate, "loss per source and answer accuracy of a fine-tuned model"),
     "validate": (_validate, "check every theoretical claim on the toy problems; write a report"),
 }
 

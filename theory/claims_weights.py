@@ -123,7 +123,8 @@ def scalebio_weights(toy: MixtureToy, alpha: float, steps: StepChoice, num_steps
     """Run ScaleBiO (SGD, simultaneous) from the toy's start; return (final π, history)."""
     config = ScaleBiOConfig(alpha=alpha, opt_x=sgd(steps.lr_x), opt_y=sgd(steps.lr_y),
                             opt_z=sgd(steps.lr_y))
-    result = run(toy.problem, toy.x0, toy.y0, config, num_steps, batches=batches, desc=desc)
+    result = run(toy.problem, toy.x0, toy.y0, config, num_steps, batches=batches, desc=desc,
+                 progress=False)  # one bar per claim module (validate) is enough
     return weights(result.state.x.detach(), toy.simplex), result.history
 
 

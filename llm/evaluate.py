@@ -1,0 +1,188 @@
+"""``scalebio evaluate``: loss per source, loss on the target validation set, answer accuracy.
+
+Sets evaluated (all read and tokenised by :func:`load_sources`, as reweight and sft read them):
+
+* every ``data.sources`` entry of the config, and every ``data.validation`` file (each on its own,
+  plus all together as ``validation``). A config has no held-out split of its sources, so this
+  uses **the files the config names**: rows that ``scalebio mix`` drew for training are among them,
+  which makes the per-source loss a measure of fit. For held-out numbers, point a config's
+  ``data.sources`` at held-out files (same names). At most ``max_examples`` examples per set are
+  used, drawn without replacement by ``torch.randperm`` under a Generator seeded with ``seed``.
+
+Loss: token-mean cross-entropy over the supervised (response) tokens of the chosen examples,
+L = Σ_i Σ_t CE_it / Σ_i n_i, computed with :func:`losses.val_partial_sum`.
+
+Accuracy, for examples with a checkable final answer (:func:`reference_number`: a response that is
+one number, or ends with ``#### <number>``): greedy ``model.generate`` from the prompt (the
+conversation up to its last assistant turn, rendered with the generation prompt); an answer is
+correct when the first number in the generated text (:func:`first_number`) equals the reference
+number exactly (as decimals: ``95`` = ``95.0``). The chosen records are drawn from the raw records
+(before the dropping of over-long examples), so they may differ from the loss examples.
+
+Outputs: ``out/results.json`` (schema in :func:`evaluate`) and a printed table
+(:func:`format_table`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import outputs
+from .batching import collate
+from .config import Config
+from .conversations import render, to_messages
+from .data import SourceSpec, _read_records, load_sources  # the reader reweight uses
+from .losses import val_partial_sum
+from .model import load_model
+from .tokenizer import load_tokenizer
+
+# A number: optional sign, digits with optional thousands separators, optional decimals.
+NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def _to_decimal(text: str) -> Decimal | None:
+    try:
+        return Decimal(text.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def first_number(text: str) -> Decimal | None:
+    """The first number in ``text`` (``"it is 1,234."`` -> 1234), or None if there is none."""
+    m = NUMBER.search(text)
+    return None if m is None else _to_decimal(m.group())
+
+
+def reference_number(answer: str) -> Decimal | None:
+    """The checkable final answer of a reference response, or None if it has none.
+
+    ``"95"`` -> 95; ``"... #### 72"`` (GSM8K style) -> 72; anything else (prose, ``"abc"``,
+    ``"95 apples"``) -> None.
+    """
+    if "####" in answer:
+        return first_number(answer.rsplit("####", 1)[1])
+    text = answer.strip()
+    return _to_decimal(text) if NUMBER.fullmatch(text) else None
+
+
+def _subset(n: int, max_examples: int, seed: int) -> list[int]:
+    if n <= max_examples:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:max_examples].tolist())
+
+
+@torch.no_grad()
+def token_mean_loss(model, rows: dict, pad_token_id: int, batch_size: int, device) -> float:
+    """Σ token CE / Σ supervised targets over ``rows`` (``input_ids``/``labels``/``n_target``)."""
+    total = int(sum(rows["n_target"]))
+    loss = 0.0
+    for s in range(0, len(rows["input_ids"]), batch_size):
+        part = {k: rows[k][s: s + batch_size] for k in ("input_ids", "labels")}
+        mb = collate(part, torch.zeros(len(part["input_ids"])), pad_token_id)
+        logits = model(input_ids=mb["input_ids"].to(device),
+                       attention_mask=mb["attention_mask"].to(device)).logits
+        loss += float(val_partial_sum(logits, mb["labels"].to(device), total))
+    return loss
+
+
+@torch.no_grad()
+def answer_accuracy(model, tokenizer, spec: SourceSpec, max_examples: int, seed: int,
+                    max_new_tokens: int, device) -> dict:
+    """Greedy-generation accuracy on ``spec``'s checkable examples (module docstring)."""
+    records = [to_messages(r, spec.format, loc) for loc, r in _read_records(Path(spec.path))]
+    prompts: dict[int, list[tuple[list[int], Decimal]]] = {}  # grouped by length: no padding
+    for i in _subset(len(records), max_examples, seed):
+        msgs = records[i]
+        last = max((j for j, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        ref = None if last is None else reference_number(msgs[last]["content"])
+        if ref is None:
+            continue
+        ids = tokenizer(render(tokenizer, msgs[:last], True), add_special_tokens=False)
+        prompts.setdefault(len(ids["input_ids"]), []).append((ids["input_ids"], ref))
+    correct = checkable = 0
+    for length, group in prompts.items():
+        ids = torch.tensor([g[0] for g in group], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        for row, (_, ref) in zip(gen[:, length:], group):
+            pred = first_number(tokenizer.decode(row.tolist(), skip_special_tokens=True))
+            correct += int(pred is not None and pred == ref)
+            checkable += 1
+    return {"checkable": checkable, "correct": correct,
+            "accuracy": correct / checkable if checkable else None}
+
+
+def _rows(ds, idx: list[int]) -> dict:
+    part = ds[idx]
+    return {k: part[k] for k in ("input_ids", "labels", "n_target")}
+
+
+def evaluate(model_dir: str | Path, cfg: Config, out: Path, *, max_examples: int = 200,
+             max_new_tokens: int = 16, batch_size: int = 16, seed: int = 0,
+             overwrite: bool = False, progress: bool = True) -> dict:
+    """Evaluate the model in ``model_dir`` on ``cfg``'s sources and validation files.
+
+    Returns (and writes to ``out/results.json``)::
+
+      {"model": str, "max_examples": int, "seed": int, "max_new_tokens": int,
+       "sets": [{"name", "role": "source" | "validation" | "validation_all", "loss",
+                 "tokens", "examples", "checkable", "correct", "accuracy" (None if none)}, ...]}
+    """
+    folder = Path(model_dir)
+    if not (folder.is_dir() and (folder / "config.json").is_file()):
+        raise FileNotFoundError(f"--model {folder}: not a saved model folder (no config.json)")
+    if max_examples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_examples, max_new_tokens and batch_size must be >= 1")
+    outputs.prepare_out_dir(out, resume=False, overwrite=overwrite)
+    has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(str(folder) if has_tok else (cfg.model.tokenizer or str(folder)))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(path=str(folder), dtype=cfg.model.dtype,
+                       trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
+    train_specs, val_specs = cfg.data.source_specs(), cfg.data.validation_specs()
+    data = load_sources(train_specs, val_specs, tokenizer, cfg.data.max_length,
+                        cfg.data.cache_dir or str(out / "cache"))
+    pad = tokenizer.pad_token_id
+    jobs = [(s, "source", data.train[i], list(range(len(data.train[i]))))
+            for i, s in enumerate(train_specs)]
+    val_source = data.val["source"]
+    jobs += [(s, "validation", data.val, [j for j, v in enumerate(val_source) if v == k])
+             for k, s in enumerate(val_specs)]
+    sets = []
+    for spec, role, ds, pool in tqdm(jobs, desc="evaluating", disable=not progress):
+        idx = [pool[j] for j in _subset(len(pool), max_examples, seed)]
+        rows = _rows(ds, idx)
+        acc = answer_accuracy(model, tokenizer, spec, max_examples, seed, max_new_tokens, device)
+        sets.append({"name": spec.name, "role": role,
+                     "loss": token_mean_loss(model, rows, pad, batch_size, device),
+                     "tokens": int(sum(rows["n_target"])), "examples": len(idx), **acc})
+    idx = _subset(len(data.val), max_examples, seed)
+    rows = _rows(data.val, idx)
+    sets.append({"name": "validation", "role": "validation_all",
+                 "loss": token_mean_loss(model, rows, pad, batch_size, device),
+                 "tokens": int(sum(rows["n_target"])), "examples": len(idx),
+                 "checkable": None, "correct": None, "accuracy": None})
+    doc = {"model": str(folder.resolve()), "max_examples": max_examples, "seed": seed,
+           "max_new_tokens": max_new_tokens, "sets": sets}
+    outputs.atomic_write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def format_table(doc: dict) -> str:
+    """A plain-text table of ``doc["sets"]``: name, role, loss, examples, accuracy."""
+    lines = [f"{'set':<24} {'role':<14} {'loss':>8} {'examples':>8} {'accuracy':>14}"]
+    for s in doc["sets"]:
+        acc = ("-" if s["accuracy"] is None
+               else f"{s['accuracy']:.3f} ({s['correct']}/{s['checkable']})")
+        lines.append(f"{s['name']:<24} {s['role']:<14} {s['loss']:>8.4f} {s['examples']:>8} "
+                     f"{acc:>14}")
+    return "\n".join(lines)

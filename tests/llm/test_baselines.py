@@ -1,0 +1,242 @@
+"""Mixture baselines (llm/baselines/): each rule against a closed form or a second
+implementation, and one tiny end-to-end run per method checking the weights.json contract."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from scalebio import make_simplex
+from scalebio import weights as simplex_weights
+from scalebio.cli import main as scalebio_main
+from scalebio.llm.baselines import (
+    BaselineArgs,
+    clipped_excess,
+    cosine_scores,
+    doremi_update,
+    rademacher_projection,
+    reducible_losses,
+    rho_weights,
+    scores_to_weights,
+    size_weights,
+    source_scores,
+    top_p_ids,
+    uniform_weights,
+)
+from scalebio.llm.baselines.less import head_gradients
+from scalebio.llm.config import ConfigError
+from scalebio.llm.demo_data import corrupt_name, write_demo_sources
+from scalebio.llm.tokenizer import char_vocab
+
+PROJ_SIGMAS = 6.0  # Monte-Carlo check of E⟨Pᵀa, Pᵀb⟩ = ⟨a, b⟩: 6 standard deviations of one draw
+
+TINY = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    "vocab_size": len(char_vocab()), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+# ---------------------------------------------------------------- uniform and size
+def test_uniform_and_size_are_exact():
+    torch.testing.assert_close(uniform_weights(4), torch.full((4,), 0.25, dtype=torch.float64))
+    torch.testing.assert_close(size_weights([10, 30, 60]),
+                               torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64))
+    with pytest.raises(ValueError, match="sizes"):
+        size_weights([3, 0])
+    with pytest.raises(ValueError, match="num_sources"):
+        uniform_weights(0)
+
+
+# ---------------------------------------------------------------- DoReMi
+def test_doremi_update_closed_form_and_direction():
+    alpha = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    lam = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    new = doremi_update(alpha, lam, eta=1.0, smoothing=0.0)
+    e = math.e
+    torch.testing.assert_close(new, torch.tensor([1 / (1 + e), e / (1 + e)], dtype=torch.float64))
+    c = 0.1
+    smoothed = doremi_update(alpha, lam, eta=1.0, smoothing=c)
+    torch.testing.assert_close(smoothed, (1 - c) * new + c / 2)
+    assert smoothed[1] > alpha[1]  # the source with the larger excess loss gains weight
+    torch.testing.assert_close(smoothed.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_doremi_update_is_a_mirror_step_of_the_core_simplex():
+    """Second implementation: SGD of step η on θ = log α with gradient −λ under the core's
+    "mirror" geometry gives π ∝ α exp(ηλ), the unsmoothed DoReMi step."""
+    g = torch.Generator().manual_seed(0)
+    alpha = torch.softmax(torch.randn(5, generator=g, dtype=torch.float64), 0)
+    lam = torch.rand(5, generator=g, dtype=torch.float64)
+    spec = make_simplex(5, geometry="mirror")
+    theta = alpha.log() - 0.7 * (-lam)  # one descent step of η = 0.7 on −λ (ascent on λ)
+    torch.testing.assert_close(simplex_weights(theta, spec), doremi_update(alpha, lam, 0.7, 0.0))
+
+
+def test_clipped_excess_by_hand():
+    proxy = torch.tensor([2.0, 1.0, 3.0, 0.5])
+    ref = torch.tensor([1.0, 2.0, 1.0, 0.5])
+    ids = torch.tensor([0, 0, 1, 1])
+    got = clipped_excess(proxy, ref, ids, torch.tensor([2, 2]))
+    torch.testing.assert_close(got, torch.tensor([(1.0 + 0.0) / 2, (2.0 + 0.0) / 2]))
+
+
+# ---------------------------------------------------------------- RHO-LOSS style
+def test_rho_rules_on_synthetic_losses():
+    train = [torch.tensor([2.0, 2.0]), torch.tensor([3.0, 3.0, 3.0])]
+    ref = [torch.tensor([1.5, 1.5]), torch.tensor([1.0, 1.0, 1.0])]
+    r = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(reducible_losses(train, ref), r)
+    w, _ = rho_weights(train, ref, "softmax", temperature=0.5)
+    torch.testing.assert_close(w, torch.softmax(r / 0.5, 0))
+    w, _ = rho_weights(train, ref, "positive")
+    torch.testing.assert_close(w, torch.tensor([0.2, 0.8], dtype=torch.float64))
+    neg = scores_to_weights(torch.tensor([-1.0, -2.0, -0.1]), "positive")
+    torch.testing.assert_close(neg, torch.full((3,), 1 / 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="source 1"):
+        reducible_losses(train, [ref[0], torch.tensor([1.0])])
+
+
+# ---------------------------------------------------------------- LESS style
+def test_cosine_ranking_and_top_p_by_hand():
+    grads = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
+    s = cosine_scores(grads, torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(s, torch.tensor([1.0, 1 / math.sqrt(2), 0.0, -1.0]))
+    per_source = [s[:2], s[2:]]
+    torch.testing.assert_close(source_scores(per_source),
+                               torch.tensor([(1 + 1 / math.sqrt(2)) / 2, -0.5],
+                                            dtype=torch.float64))
+    assert top_p_ids(per_source, 0.5) == [[0, 1], []]
+    assert top_p_ids([s[2:], s[:2]], 0.75) == [[0], [0, 1]]
+
+
+def test_projection_preserves_inner_products_in_expectation():
+    d, dim = 20000, 6
+    p = rademacher_projection(dim, d, torch.Generator().manual_seed(1))
+    gram = p.double() @ p.double().T
+    torch.testing.assert_close(gram.diagonal(), torch.ones(dim, dtype=torch.float64))  # exact
+    off = gram - torch.eye(dim, dtype=torch.float64)
+    assert off.abs().max() < PROJ_SIGMAS / math.sqrt(d)  # each entry has std 1/√d
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    err = abs(float((a @ p) @ (b @ p)) - float(a @ b))
+    assert err < PROJ_SIGMAS * float(a.norm() * b.norm()) * math.sqrt(2 / d)
+
+
+def test_head_gradient_matches_closed_form():
+    """Autograd per-example head gradient vs Σ_t (p_t − y_t) h_tᵀ / n_i, in float64."""
+    from scalebio.llm.model import load_model
+
+    model = load_model(config=TINY, seed=0).double()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, TINY["vocab_size"], (2, 7), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    eye = torch.eye(model.get_output_embeddings().weight.numel())
+    got = head_gradients(model, [mb], torch.device("cpu"), eye.double())
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        h, p = out.hidden_states[-1], torch.softmax(out.logits.double(), -1)
+    for i in range(2):
+        tgt = labels[i, 1:]
+        mask = tgt != -100
+        y = torch.nn.functional.one_hot(tgt[mask], TINY["vocab_size"]).double()
+        want = (p[i, :-1][mask] - y).T @ h[i, :-1][mask] / mask.sum()
+        torch.testing.assert_close(got[i], want.reshape(-1))  # float64: default tolerances
+
+
+def test_bad_hyperparameters_name_the_flag():
+    with pytest.raises(ConfigError, match="--smoothing"):
+        BaselineArgs(smoothing=2.0)
+    with pytest.raises(ConfigError, match="--rule"):
+        BaselineArgs(rule="max")
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("baseline")
+    src = write_demo_sources(d / "data", seed=5, n_train_per_source=10, n_val=6,
+                             corruption_rates=(1.0,), off_target=("prose",))
+    raw = {
+        "model": {"config": TINY, "tokenizer": "char"},
+        "data": {"sources": src["sources"], "validation": [src["val"]], "max_length": 40,
+                 "per_source": 2, "val_batch": 4, "cache_dir": str(d / "cache")},
+        "bilevel": {"steps": 2, "lr_u": 1e-2},
+        "run": {"seed": 1, "tracker": "none", "threads": 1},
+    }
+    p = d / "cfg.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _run(config: Path, out: Path, method: str, *flags: str) -> dict:
+    rc = scalebio_main(["baseline", "--method", method, "--config", str(config), "--out",
+                        str(out), "--no-progress", "--max-examples", "4", *flags])
+    assert rc == 0
+    doc = json.loads((out / "weights.json").read_text())
+    names = doc["names"]
+    assert doc["method"] == method and names == ["clean", corrupt_name(1.0), "prose"]
+    for key in ("weights", "averaged_weights"):
+        assert list(doc[key]) == names and all(v >= 0 for v in doc[key].values())
+        assert math.isclose(sum(doc[key].values()), 1.0, rel_tol=1e-12)
+    return doc
+
+
+def test_uniform_and_size_end_to_end(config, tmp_path):
+    doc = _run(config, tmp_path / "u", "uniform")
+    assert doc["weights"] == {n: 1 / 3 for n in doc["names"]}
+    doc = _run(config, tmp_path / "s", "size")
+    usable = {n: 10 - doc["dropped_examples"][n] for n in doc["names"]}  # 10 records per file
+    assert doc["examples"] == usable
+    for n in doc["names"]:
+        assert math.isclose(doc["weights"][n], usable[n] / sum(usable.values()), rel_tol=1e-12)
+
+
+def test_doremi_end_to_end(config, tmp_path):
+    """Replays the recorded trajectory: α_t = doremi_update(α_{t-1}, λ_t) from α_0 = uniform,
+    weights = α_T, averaged_weights = mean_t α_t, and the untrained proxy has positive excess."""
+    doc = _run(config, tmp_path / "d", "doremi", "--eta", "2.0", "--smoothing", "0.01")
+    traj = doc["trajectory"]
+    assert doc["steps"] == 2 and len(traj["weights"]) == 2 and len(traj["excess"]) == 2
+    alpha = uniform_weights(3)
+    for w_t, lam_t in zip(traj["weights"], traj["excess"]):
+        alpha = doremi_update(alpha, torch.tensor(lam_t, dtype=torch.float64), 2.0, 0.01)
+        torch.testing.assert_close(torch.tensor(w_t, dtype=torch.float64), alpha)
+    assert min(traj["excess"][0]) > 0  # step 0: a fresh proxy vs a trained reference
+    torch.testing.assert_close(torch.tensor(list(doc["weights"].values()), dtype=torch.float64),
+                               alpha)
+    mean = torch.tensor(traj["weights"], dtype=torch.float64).mean(0)
+    torch.testing.assert_close(
+        torch.tensor(list(doc["averaged_weights"].values()), dtype=torch.float64), mean)
+
+
+def test_rho_end_to_end(config, tmp_path):
+    doc = _run(config, tmp_path / "r", "rho", "--rule", "softmax", "--temperature", "0.5")
+    r = torch.tensor([doc["reducible_loss"][n] for n in doc["names"]], dtype=torch.float64)
+    want = torch.softmax(r / 0.5, 0).tolist()
+    assert all(math.isclose(doc["weights"][n], w, rel_tol=1e-12)
+               for n, w in zip(doc["names"], want))
+
+
+def test_less_end_to_end_with_top_p(config, tmp_path):
+    out = tmp_path / "l"
+    doc = _run(config, out, "less", "--rule", "positive", "--proj-dim", "16", "--top-p", "0.5")
+    assert set(doc["scores"]) == set(doc["names"])
+    assert all(-1.0 <= s <= 1.0 for s in doc["scores"].values())
+    sel = json.loads((out / "selected.json").read_text())
+    assert sum(len(v) for v in sel["ids"].values()) == math.ceil(0.5 * 3 * 4)
+
+
+def test_cli_refuses_bad_input(config, tmp_path, capsys):
+    assert scalebio_main(["baseline", "--method", "size", "--config", str(config), "--out",
+                          str(tmp_path / "x"), "--bilevel.nope", "1"]) == 2
+    assert "bilevel.nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scalebio_main(["baseline", "--method", "magic", "--config", str(config), "--out", "x"])
