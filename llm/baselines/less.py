@@ -10,8 +10,9 @@ projected gradient of the mean per-example validation loss. Scores:
 
 turned into weights by ``rule`` (softmax(S/T) or positive part; see ``scores_to_weights``).
 With ``top_p``, the top fraction p of all scored examples by s_i is kept and their ids (row
-indices within each source's tokenised data) are returned. Unlike LESS, gradients are plain (not
-Adam-preconditioned) and from one checkpoint, and P is stored densely (fine for small heads).
+indices within each source's tokenised data) are written to ``selected.json`` with every s_i.
+Unlike LESS, gradients are plain (not Adam-preconditioned) and from one checkpoint, and P is
+stored densely (D × d floats: fine for small heads, too big for a 50k × 4k head).
 """
 
 from __future__ import annotations

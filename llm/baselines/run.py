@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from .. import outputs
-from ..config import Config
+from ..config import Config, ConfigError
 from . import common, doremi, less, rho, static
 
 METHODS = ("uniform", "size", "doremi", "rho", "less")
+MAX_PROJECTION_ENTRIES = 2**28  # LESS's dense projection: 1 GiB of float32 at most
 
 
 def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
@@ -37,6 +38,8 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
     extra: dict = {"config": raw_config}
     if method == "uniform":
         names = [s.name for s in cfg.data.source_specs()]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: duplicate source names in {names}")
         w = static.uniform_weights(len(names))
         return common.write_result(out, names, w, w, method, extra)
     tokenizer, data = common.load_data(cfg, out)
@@ -56,6 +59,10 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
     uniform = static.uniform_weights(k)
     extra.update(steps=steps, lr=lr)
     trained = common.new_model(cfg, device)  # the uniform-mixture model: DoReMi's reference
+    head = trained.get_output_embeddings().weight
+    if method == "less" and head.numel() * args.proj_dim > MAX_PROJECTION_ENTRIES:
+        raise ConfigError(f"baseline --proj-dim: a dense {head.numel()} x {args.proj_dim} "
+                          f"projection exceeds {MAX_PROJECTION_ENTRIES} entries; lower --proj-dim")
     common.train_weighted(trained, sampler, steps, lr, device, lambda batch, h: uniform,
                           "uniform mixture", progress)
 
@@ -93,7 +100,6 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
 
     # LESS-style
     trained.eval()
-    head = trained.get_output_embeddings().weight
     gen = torch.Generator().manual_seed(cfg.run.seed)
     proj = less.rademacher_projection(head.numel(), args.proj_dim, gen)
     g_val = less.mean_gradient(trained, common.example_batches(data.val, n, bs, pad), device, proj)
@@ -106,7 +112,8 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
                  scores=dict(zip(names, s.tolist())))
     if args.top_p is not None:
         kept = dict(zip(names, less.top_p_ids(scores, args.top_p)))
-        outputs.atomic_write_text(out / "selected.json",
-                                  json.dumps({"top_p": args.top_p, "ids": kept}, indent=2) + "\n")
+        per_example = {n: sc.tolist() for n, sc in zip(names, scores)}
+        sel = {"top_p": args.top_p, "ids": kept, "scores": per_example}
+        outputs.atomic_write_text(out / "selected.json", json.dumps(sel, indent=2) + "\n")
         extra["selected"] = "selected.json"
     return common.write_result(out, names, w, w, method, extra)

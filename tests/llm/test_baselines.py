@@ -232,11 +232,27 @@ def test_less_end_to_end_with_top_p(config, tmp_path):
     assert all(-1.0 <= s <= 1.0 for s in doc["scores"].values())
     sel = json.loads((out / "selected.json").read_text())
     assert sum(len(v) for v in sel["ids"].values()) == math.ceil(0.5 * 3 * 4)
+    kept = [s for n in doc["names"] for i, s in enumerate(sel["scores"][n]) if i in sel["ids"][n]]
+    left = [s for n in doc["names"] for i, s in enumerate(sel["scores"][n])
+            if i not in sel["ids"][n]]
+    assert min(kept) >= max(left)  # the filter keeps the highest cosine scores
+    per_source = torch.tensor([sum(sel["scores"][n]) / 4 for n in doc["names"]],
+                              dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(list(doc["scores"].values()), dtype=torch.float64),
+                               per_source)
+    want = scores_to_weights(per_source, "positive")
+    torch.testing.assert_close(torch.tensor(list(doc["weights"].values()), dtype=torch.float64),
+                               want)
+    again = _run(config, tmp_path / "l2", "less", "--rule", "positive", "--proj-dim", "16")
+    assert again["weights"] == doc["weights"]  # seeded projection and training: reproducible
 
 
 def test_cli_refuses_bad_input(config, tmp_path, capsys):
     assert scalebio_main(["baseline", "--method", "size", "--config", str(config), "--out",
                           str(tmp_path / "x"), "--bilevel.nope", "1"]) == 2
     assert "bilevel.nope" in capsys.readouterr().err
+    assert scalebio_main(["baseline", "--method", "less", "--config", str(config), "--out",
+                          str(tmp_path / "y"), "--steps", "1", "--proj-dim", "10000000"]) == 2
+    assert "--proj-dim" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         scalebio_main(["baseline", "--method", "magic", "--config", str(config), "--out", "x"])
