@@ -233,13 +233,30 @@ def _unknown(key: str, options) -> ConfigError:
 
 
 def _coerce(value, tp, key: str):
-    """Parse a command-line string into the field's type (YAML syntax: 1e-3, true, null, [..])."""
+    """Parse a string into the field's type: numbers by Python's rules (YAML 1.1 reads ``1e-3``
+    as a string), everything else with YAML syntax (true, null, [..], {..})."""
     if not isinstance(value, str):
         return value
-    parsed = yaml.safe_load(value) if value != "" else None
-    if tp is str or (isinstance(tp, str) and tp.startswith("str")):
-        return value if parsed is None or not isinstance(parsed, str) else parsed
-    return parsed
+    names = str(tp)
+    if "float" in names or "int" in names:
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if "int" in names and "float" not in names:
+                if not number.is_integer():
+                    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+                return int(number)
+            return number
+    if names in ("str", "<class 'str'>") or names.startswith("str"):
+        return value
+    return yaml.safe_load(value) if value != "" else None
+
+
+def _typed(cls, value: dict, section: str) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in value.items()}
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:
@@ -259,7 +276,7 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
                 raise _unknown(f"{name}.{k}", known)
         value = {
             k: tuple(v) if isinstance(v, list) and k in ("sources", "validation") else v
-            for k, v in value.items()
+            for k, v in _typed(cls, value, name).items()
         }
         try:
             sections[name] = cls(**value)
