@@ -61,6 +61,9 @@ def _dist_setup(cfg: Config) -> tuple[int, int, torch.device]:
         dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=world)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1 and cfg.engine.kind == "single":  # each rank would train its own models
+        raise ConfigError(f"engine.kind: 'single' runs one process, but {world} were launched; "
+                          "use ddp, fsdp2 or deepspeed")
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

@@ -61,6 +61,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the `deepspeed` launcher inserts --local_rank=N; ranks are read from the environment
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     parser = argparse.ArgumentParser(prog="scalebio", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():

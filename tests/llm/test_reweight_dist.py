@@ -65,3 +65,20 @@ def test_two_ranks_match_one_rank(tmp_path, engine):
     for name in a["weights"]:
         assert abs(a["weights"][name] - b["weights"][name]) < DIST_TOL, name
     assert max(abs(w - 0.5) for w in a["weights"].values()) > 1e-3  # the weights did move
+
+
+def test_single_engine_refuses_several_ranks(tmp_path):
+    data = write_demo_sources(tmp_path / "data", seed=5, n_train_per_source=8, n_val=4,
+                              corruption_rates=(1.0,), off_target=())
+    raw = {"model": {"config": TINY, "tokenizer": "char"},
+           "data": {"sources": data["sources"], "validation": [data["val"]], "max_length": 48,
+                    "per_source": 2, "val_batch": 2, "cache_dir": str(tmp_path / "cache")},
+           "bilevel": {"steps": 1}, "run": {"tracker": "none", "threads": 1}}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "scalebio", "reweight", "--config", str(cfg),
+           "--out", str(tmp_path / "out"), "--no-progress"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0 and "engine.kind: 'single' runs one process" in res.stderr
