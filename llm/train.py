@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -40,23 +41,20 @@ from .tokenizer import load_tokenizer
 
 
 # ---------------------------------------------------------------- set-up helpers
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _dist_setup(cfg: Config) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.engine.kind == "deepspeed":
-        for k, v in (
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", "29511"),
-        ):
-            os.environ.setdefault(k, v)
-    if (
-        world > 1 or cfg.engine.kind in ("ddp", "fsdp2", "deepspeed")
-    ) and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        os.environ.setdefault("RANK", "0")
+    needs_group = world > 1 or cfg.engine.kind in ("ddp", "fsdp2", "deepspeed")
+    if needs_group and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # started by hand, not by a launcher: 1-rank group
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", str(world))):
+            os.environ.setdefault(k, v)  # DeepSpeed reads these even for one rank
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=world)
     rank = dist.get_rank() if dist.is_initialized() else 0
