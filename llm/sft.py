@@ -43,8 +43,7 @@ from .engine import OptimizerSpec
 from .lisa import LisaConfig, active_blocks_for, find_decoder_blocks
 from .losses import per_example_loss
 from .model import load_model
-from .tokenizer import load_tokenizer
-from .train import _build_engine, _dist_setup, lr_shape
+from .train import build_engine, lr_shape, start_run
 
 TRAJECTORY_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds")
 MIXTURE_FILE = "mixture.jsonl"  # what `scalebio mix` writes into its output folder
@@ -114,17 +113,10 @@ def sft(cfg: Config, data: str | Path, out: Path, *, data_format: str = "message
     Returns:
       The trajectory rows ``{"step", "loss", "lr", "grad_norm", "seconds"}``.
     """
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     mixture = resolve_mixture(data)
     if overwrite and Path(out).resolve() in mixture.parents:
         raise outputs.OutputError(f"{out}: --overwrite would delete the mixture {mixture}")
-    rank, world, device = _dist_setup(cfg)
-    if rank == 0:
-        outputs.prepare_out_dir(out, resume, overwrite)
-    if dist.is_initialized():
-        dist.barrier()
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    rank, world, device, tokenizer = start_run(cfg, out, resume, overwrite)
     sources = load_sources([SourceSpec("mixture", str(mixture), data_format)],
                            cfg.data.validation_specs(), tokenizer, cfg.data.max_length,
                            cfg.data.cache_dir or str(out / "cache"))
@@ -137,7 +129,7 @@ def sft(cfg: Config, data: str | Path, out: Path, *, data_format: str = "message
                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed)
     model.to(device)
     lisa, num_blocks = _lisa(cfg, model)
-    engine = _build_engine(cfg, model, OptimizerSpec(name=b.optimizer, lr=b.lr_w,
+    engine = build_engine(cfg, model, OptimizerSpec(name=b.optimizer, lr=b.lr_w,
                                                      weight_decay=b.weight_decay), lisa)
     ckpt_root, rows, start = out / "checkpoints", [], 0
     if resume:

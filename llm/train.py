@@ -69,7 +69,20 @@ def _dist_setup(cfg: Config) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def _build_engine(cfg: Config, model, opt: OptimizerSpec, lisa: LisaConfig | None):
+def start_run(cfg: Config, out: Path, resume: bool, overwrite: bool):
+    """Threads, process group, the output folder (rank 0, then a barrier) and the tokenizer:
+    the start shared by ``reweight`` and ``sft``. Returns (rank, world, device, tokenizer)."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    rank, world, device = _dist_setup(cfg)
+    if rank == 0:
+        outputs.prepare_out_dir(out, resume, overwrite)
+    if dist.is_initialized():
+        dist.barrier()
+    return rank, world, device, load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+
+
+def build_engine(cfg: Config, model, opt: OptimizerSpec, lisa: LisaConfig | None):
     e = cfg.engine
     if e.kind in ("single", "ddp"):
         from .engine_torch import build_single_engine
@@ -144,15 +157,7 @@ def reweight(
     ``stop_after`` ends the loop early after that many steps (for tests of kill/resume).
     Returns the weights.json document.
     """
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    rank, world, device = _dist_setup(cfg)
-    if rank == 0:
-        outputs.prepare_out_dir(out, resume, overwrite)
-    if dist.is_initialized():
-        dist.barrier()
-
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    rank, world, device, tokenizer = start_run(cfg, out, resume, overwrite)
     data = load_sources(
         cfg.data.source_specs(),
         cfg.data.validation_specs(),
@@ -206,8 +211,8 @@ def reweight(
         num_blocks = len(find_decoder_blocks(model_w)[1])
         if lisa.n_active > num_blocks:
             raise ConfigError(f"lisa.n_active: {lisa.n_active} > the model's {num_blocks} blocks")
-    eng_u = _build_engine(cfg, model_u, _model_opt(cfg, b.lr_u), lisa)
-    eng_w = _build_engine(cfg, model_w, _model_opt(cfg, b.lr_w), lisa)
+    eng_u = build_engine(cfg, model_u, _model_opt(cfg, b.lr_u), lisa)
+    eng_w = build_engine(cfg, model_w, _model_opt(cfg, b.lr_w), lisa)
 
     theta = torch.zeros(k, dtype=torch.float32, device=device, requires_grad=True)  # λ: fp32 always
     opt_cls = torch.optim.AdamW if b.lambda_optimizer == "adamw" else torch.optim.SGD
