@@ -177,6 +177,9 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out", default=None, metavar="MIX_DIR",
+                   help="score each source on the records this `scalebio mix` output did not "
+                   "draw (default: the whole file the config names)")
     _output_flags(p)
     args, overrides = p.parse_known_args(argv)
     from .config import ConfigError, load_config
@@ -189,10 +192,13 @@ def evaluate_main(argv: list[str]) -> int:
 
         doc = evaluate(args.model, cfg, Path(args.out), max_examples=args.max_examples,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
+                       seed=args.seed, held_out=args.held_out, overwrite=args.overwrite,
+                       progress=not args.no_progress)
     except (ConfigError, DataError, OutputError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     print(format_table(doc))
+    for name, reason in doc["skipped"].items():
+        print(f"skipped source {name!r}: {reason}")
     return 0
 
 
@@ -258,17 +264,38 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, few steps, small mixtures: minutes on a laptop CPU")
+    p.add_argument("--num-examples", type=int, default=None,
+                   help="N, rows of every mixture (default 2000; 320 with --quick)")
+    p.add_argument("--when-short", choices=("upsample", "cap"), default="upsample",
+                   help="a source with fewer records than its count: repeat records (default) "
+                   "or take each once (then N larger than all data is an error)")
     _output_flags(p)
     args = p.parse_args(argv)
-    from .compare import CompareError, compare, format_markdown, parse_methods, parse_seeds
+    from dataclasses import replace
+
+    from .compare import (
+        QUICK,
+        CompareError,
+        CompareSettings,
+        compare,
+        format_markdown,
+        parse_methods,
+        parse_seeds,
+    )
     from .config import ConfigError
     from .data import DataError
     from .outputs import OutputError
 
+    if args.num_examples is not None and args.num_examples < 1:
+        return _fail(f"--num-examples: a positive integer is required, got {args.num_examples}")
+    base = QUICK if args.quick else CompareSettings()
+    settings = replace(base, when_short=args.when_short,
+                       num_examples=args.num_examples or base.num_examples)
     try:
         doc = compare(Path(args.out), config_path=args.config,
                       methods=parse_methods(args.methods), seeds=parse_seeds(args.seeds),
-                      quick=args.quick, overwrite=args.overwrite, progress=not args.no_progress)
+                      quick=args.quick, settings=settings, overwrite=args.overwrite,
+                      progress=not args.no_progress)
     except CompareError as e:
         print(f"scalebio: error: {e}", file=sys.stderr)
         return 1

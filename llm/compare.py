@@ -3,7 +3,8 @@
 For every (method, seed) on one multi-source task: mixture weights (``scalebio`` = ``reweight``,
 the others = ``run_baseline``) → a mixture of N rows (``mix``, time-averaged weights) → a fresh
 model fine-tuned on it (``sft``, same config and seed for every method) → ``evaluate`` (token-mean
-loss on the target validation data and greedy-answer accuracy where answers are numeric).
+loss on the target validation data, greedy-answer accuracy where answers are numeric, and each
+source's loss on the records its mixture did not draw).
 Outputs under ``out``: ``runs/<method>/seed<k>/{weights,mix,sft,eval}``, ``compare.json``,
 ``compare.md`` and ``compare.png``. The task is the demo's (``write_demo_sources`` into
 ``out/data``, one fixed data seed: seeds vary training, not the task) or any source config.
@@ -40,7 +41,8 @@ class CompareSettings:
     weight_steps: steps of reweight and of every model a baseline trains. sft_steps/sft_lr/
     sft_batch: the fine-tuning run (None = the config's lr_w / global_batch). num_examples: N of
     the mixture. eval_examples: examples per evaluated set. baseline_examples: examples RHO/LESS
-    score per source. n_train/n_val/per_source/threads: the demo task only.
+    score per source. when_short: mix's rule for a source with fewer records than its count
+    (``upsample`` or ``cap``). n_train/n_val/per_source/threads: the demo task only.
     """
 
     weight_steps: int = 200
@@ -50,6 +52,7 @@ class CompareSettings:
     num_examples: int = 2000
     eval_examples: int = 200
     baseline_examples: int = 256
+    when_short: str = "upsample"
     n_train: int = 1000
     n_val: int = 200
     per_source: int = 16
@@ -149,6 +152,21 @@ def _stage_raw(base: dict, seed: int, s: CompareSettings, stage: str) -> dict:
     return raw
 
 
+def _check_mixture_size(base: dict, config_file: Path, s: CompareSettings) -> None:
+    """Refuse, before any training, what ``mix`` would refuse after every weights stage."""
+    from .mix import WHEN_SHORT, count_records, sources_from_config
+
+    if s.when_short not in WHEN_SHORT:
+        raise ValueError(f"--when-short: expected one of {WHEN_SHORT}, got {s.when_short!r}")
+    if s.when_short == "cap":
+        total = sum(count_records(spec) for spec in
+                    sources_from_config(base, str(config_file), config_file.parent))
+        if s.num_examples > total:
+            raise ValueError(f"--num-examples {s.num_examples}: the sources hold only {total} "
+                             "records, and --when-short cap takes each at most once; use "
+                             "--when-short upsample or a smaller N")
+
+
 def run_one(base: dict, config_file: Path, method: str, seed: int, run_dir: Path,
             s: CompareSettings) -> dict:
     """Weights → mix → sft → eval for one (method, seed); returns its metrics and weights."""
@@ -169,14 +187,16 @@ def run_one(base: dict, config_file: Path, method: str, seed: int, run_dir: Path
             run_baseline(cfg, method, args, run_dir / "weights", progress=False, raw_config=raw)
         seconds[stage], stage = time.perf_counter() - t0, "mix"
         manifest = mix(run_dir / "weights" / "weights.json", run_dir / "mix", s.num_examples,
-                       config_path=config_file, seed=seed, averaged=True, progress=False)
+                       config_path=config_file, seed=seed, averaged=True,
+                       when_short=s.when_short, progress=False)
         seconds[stage], stage = time.perf_counter() - t0 - sum(seconds.values()), "sft"
         raw = _stage_raw(base, seed, s, "sft")
         cfg = config_from_dict(raw, f"compare {method} seed {seed} sft")
         sft(cfg, run_dir / "mix", run_dir / "sft", progress=False)
         seconds[stage], stage = time.perf_counter() - t0 - sum(seconds.values()), "eval"
         doc = evaluate(run_dir / "sft" / "model", cfg, run_dir / "eval",
-                       max_examples=s.eval_examples, max_new_tokens=8, seed=seed, progress=False)
+                       max_examples=s.eval_examples, max_new_tokens=8, seed=seed,
+                       held_out=run_dir / "mix", progress=False)
         seconds[stage] = time.perf_counter() - t0 - sum(seconds.values())
     except Exception as e:
         raise CompareError(f"method {method!r}, seed {seed}, stage {stage!r} failed: "
@@ -196,8 +216,9 @@ def compare(out: Path, *, config_path: str | Path | None = None,
       config_path: a reweight config whose sources/validation define the task (default: the
         demo's sources, written into ``out/data``).
       methods: names among :data:`METHODS`. seeds: one full pipeline per method and seed.
-      quick: the tiny :data:`QUICK` sizes (ignored when ``settings`` is given).
-      settings: explicit sizes.
+      quick: the tiny :data:`QUICK` sizes when ``settings`` is None (recorded in compare.json).
+      settings: explicit sizes (the CLI's ``--num-examples``/``--when-short`` start from the
+        quick or default sizes and replace those fields).
 
     Raises:
       ValueError: an unknown method or a bad seed. CompareError: a stage failed (names it).
@@ -213,6 +234,7 @@ def compare(out: Path, *, config_path: str | Path | None = None,
     base = _task(out, config_path, s)
     config_file = out / "config.json"
     outputs.atomic_write_text(config_file, json.dumps(base, indent=2) + "\n")
+    _check_mixture_size(base, config_file, s)
 
     from tqdm.auto import tqdm
 
@@ -221,7 +243,7 @@ def compare(out: Path, *, config_path: str | Path | None = None,
     for m, k in (bar := tqdm(pairs, desc="scalebio compare", disable=not progress)):
         bar.set_postfix(method=m, seed=k)
         runs[m].append(run_one(base, config_file, m, k, out / "runs" / m / f"seed{k}", s))
-    doc = {"methods": list(methods), "seeds": list(seeds), "quick": quick and settings is None,
+    doc = {"methods": list(methods), "seeds": list(seeds), "quick": quick,
            "settings": asdict(s), "std": STD_RULE, "weights": "time-averaged (mix --averaged)",
            "results": {m: {"runs": runs[m], **summarize_method(runs[m])} for m in methods},
            "seconds": time.perf_counter() - t0}

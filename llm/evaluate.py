@@ -3,11 +3,14 @@
 Sets evaluated (all read and tokenised by :func:`load_sources`, as reweight and sft read them):
 
 * every ``data.sources`` entry of the config, and every ``data.validation`` file (each on its own,
-  plus all together as ``validation``). A config has no held-out split of its sources, so this
-  uses **the files the config names**: rows that ``scalebio mix`` drew for training are among them,
-  which makes the per-source loss a measure of fit. For held-out numbers, point a config's
-  ``data.sources`` at held-out files (same names). At most ``max_examples`` examples per set are
-  used, drawn without replacement by ``torch.randperm`` under a Generator seeded with ``seed``.
+  plus all together as ``validation``). Per source, either **the file the config names** (rows
+  that ``scalebio mix`` drew for training are among them: a measure of fit) or, with
+  ``held_out=MIX_DIR``, **the records that mixture did not draw** (``MIX_DIR/held_out/``, see
+  llm/mix.py): a held-out loss. The held-out split must belong to the same bytes: a source whose
+  file changed since the mix (sha256 in its manifest) is refused, and a source every record of
+  which is in the mixture (up-sampled) is skipped and listed under ``skipped``. At most
+  ``max_examples`` examples per set are used, drawn without replacement by ``torch.randperm``
+  under a Generator seeded with ``seed``.
 
 Loss: token-mean cross-entropy over the supervised (response) tokens of the chosen examples,
 L = Σ_i Σ_t CE_it / Σ_i n_i, computed with :func:`losses.val_partial_sum`.
@@ -39,6 +42,7 @@ from .config import Config
 from .conversations import render, to_messages
 from .data import SourceSpec, _read_records, load_sources  # the reader reweight uses
 from .losses import val_partial_sum
+from .mix_outputs import sha256_of
 from .model import load_model
 from .tokenizer import load_tokenizer
 
@@ -121,6 +125,40 @@ def answer_accuracy(model, tokenizer, spec: SourceSpec, max_examples: int, seed:
             "accuracy": correct / checkable if checkable else None}
 
 
+def held_out_specs(mix_dir: str | Path, specs: list[SourceSpec]
+                   ) -> tuple[list[SourceSpec], dict[str, str]]:
+    """The config's sources with each file replaced by its held-out split in ``mix_dir``.
+
+    Returns (specs that have held-out records, {skipped source: reason}). Raises ValueError naming
+    the manifest when the folder is not a mixture, lacks a source of the config, or a source file
+    changed since the mixture was drawn.
+    """
+    folder = Path(mix_dir)
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"--held-out {folder}: no manifest.json (not a `scalebio mix` "
+                                "output folder)")
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    table = doc.get("held_out")
+    if not isinstance(table, dict):
+        raise ValueError(f"--held-out {manifest}: no 'held_out' entry (re-run scalebio mix)")
+    hashes = {e["name"]: e["sha256"] for e in doc.get("sources", [])}
+    kept, skipped = [], {}
+    for spec in specs:
+        if spec.name not in table:
+            raise ValueError(f"--held-out {manifest}: source {spec.name!r} of the config is not "
+                             f"in this mixture (it has {sorted(table)})")
+        if sha256_of(Path(spec.path)) != hashes.get(spec.name):
+            raise ValueError(f"--held-out {manifest}: source {spec.name!r}: {spec.path} changed "
+                             "since the mixture was drawn (sha256 differs), so its held-out "
+                             "split no longer matches it")
+        if table[spec.name]["records"] == 0:
+            skipped[spec.name] = "every record is in the mixture: no held-out records"
+            continue
+        kept.append(SourceSpec(spec.name, str(folder / table[spec.name]["path"]), "messages"))
+    return kept, skipped
+
+
 def _rows(ds, idx: list[int]) -> dict:
     part = ds[idx]
     return {k: part[k] for k in ("input_ids", "labels", "n_target")}
@@ -128,12 +166,17 @@ def _rows(ds, idx: list[int]) -> dict:
 
 def evaluate(model_dir: str | Path, cfg: Config, out: Path, *, max_examples: int = 200,
              max_new_tokens: int = 16, batch_size: int = 16, seed: int = 0,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             held_out: str | Path | None = None, overwrite: bool = False,
+             progress: bool = True) -> dict:
     """Evaluate the model in ``model_dir`` on ``cfg``'s sources and validation files.
+
+    ``held_out``: a ``scalebio mix`` output folder; the sources are then scored on the records
+    that mixture did not draw (module docstring).
 
     Returns (and writes to ``out/results.json``)::
 
       {"model": str, "max_examples": int, "seed": int, "max_new_tokens": int,
+       "held_out": str | None, "skipped": {source: reason},
        "sets": [{"name", "role": "source" | "validation" | "validation_all", "loss",
                  "tokens", "examples", "checkable", "correct", "accuracy" (None if none)}, ...]}
     """
@@ -148,8 +191,12 @@ def evaluate(model_dir: str | Path, cfg: Config, out: Path, *, max_examples: int
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(path=str(folder), dtype=cfg.model.dtype,
                        trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
-    train_specs, val_specs = cfg.data.source_specs(), cfg.data.validation_specs()
-    data = load_sources(train_specs, val_specs, tokenizer, cfg.data.max_length,
+    train_specs, val_specs, skipped = cfg.data.source_specs(), cfg.data.validation_specs(), {}
+    if held_out is not None:
+        train_specs, skipped = held_out_specs(held_out, train_specs)
+    # load_sources wants a training list; if every source was skipped, the validation list
+    # stands in and its training part goes unused (jobs below come from train_specs).
+    data = load_sources(train_specs or val_specs, val_specs, tokenizer, cfg.data.max_length,
                         cfg.data.cache_dir or str(out / "cache"))
     pad = tokenizer.pad_token_id
     jobs = [(s, "source", data.train[i], list(range(len(data.train[i]))))
@@ -172,7 +219,9 @@ def evaluate(model_dir: str | Path, cfg: Config, out: Path, *, max_examples: int
                  "tokens": int(sum(rows["n_target"])), "examples": len(idx),
                  "checkable": None, "correct": None, "accuracy": None})
     doc = {"model": str(folder.resolve()), "max_examples": max_examples, "seed": seed,
-           "max_new_tokens": max_new_tokens, "sets": sets}
+           "max_new_tokens": max_new_tokens,
+           "held_out": None if held_out is None else str(Path(held_out).resolve()),
+           "skipped": skipped, "sets": sets}
     outputs.atomic_write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
     return doc
 

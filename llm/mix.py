@@ -22,7 +22,9 @@ Rows are shuffled with a Generator seeded by the seed alone, so a sequential rea
 
 Outputs (written to a temporary folder beside ``out``, then renamed into place): ``mixture.jsonl``
 (``{"messages": [...], "source": name}`` per line), ``dataset/`` (the same rows, ``save_to_disk``),
-``manifest.json`` and ``snippets/`` (llm/mix_outputs.py). Same inputs and seed: same bytes.
+``manifest.json``, ``snippets/`` (llm/mix_outputs.py) and ``held_out/``: per source, the records
+the mixture did not draw (``{"messages": [...]}`` per line, file order), which ``scalebio evaluate
+--held-out`` scores. Same inputs and seed: same bytes.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ def _source_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
 
 
-def _count_records(spec: SourceSpec) -> int:
+def count_records(spec: SourceSpec) -> int:
     """Read and validate every record (same errors as `reweight`); return how many there are."""
     path = Path(spec.path)
     if not path.exists():
@@ -190,12 +192,19 @@ def _count_records(spec: SourceSpec) -> int:
     return n
 
 
-def _take(pick: Pick) -> list[dict]:
-    """Second pass over the source: the messages of the picked records, in pick order."""
+def _take(pick: Pick) -> tuple[list[dict], list[dict]]:
+    """Second pass over the source: (the picked records' rows in pick order, the records never
+    picked, in file order: the source's held-out split)."""
     wanted = set(pick.indices.tolist())
-    kept = {i: to_messages(record, pick.spec.format, loc)
-            for i, (loc, record) in enumerate(_read_records(Path(pick.spec.path))) if i in wanted}
-    return [{"messages": kept[i], "source": pick.spec.name} for i in pick.indices.tolist()]
+    kept, held_out = {}, []
+    for i, (loc, record) in enumerate(_read_records(Path(pick.spec.path))):
+        messages = to_messages(record, pick.spec.format, loc)
+        if i in wanted:
+            kept[i] = messages
+        else:
+            held_out.append({"messages": messages})
+    rows = [{"messages": kept[i], "source": pick.spec.name} for i in pick.indices.tolist()]
+    return rows, held_out
 
 
 def _check_out(out: Path, overwrite: bool, protected: list[Path]) -> None:
@@ -256,7 +265,7 @@ def mix(weights_path: str | os.PathLike, out: str | os.PathLike, num_examples: i
     from tqdm.auto import tqdm
 
     bar = tqdm(specs, desc="reading sources", disable=not progress)
-    available = [_count_records(s) for s in bar]
+    available = [count_records(s) for s in bar]
     if when_short == "cap" and num_examples > sum(available):
         raise MixError(f"--num-examples {num_examples}: the sources hold only {sum(available)} "
                        "records; use --when-short upsample or a smaller N")
@@ -268,7 +277,10 @@ def mix(weights_path: str | os.PathLike, out: str | os.PathLike, num_examples: i
             log.warning("source %r: %d requested, only %d records: %s", p.spec.name, p.requested,
                         p.available, "upsampled with replacement" if when_short == "upsample"
                         else f"capped, {p.requested - p.available} fewer rows in the mixture")
-    rows = [row for p in tqdm(picks, desc="taking rows", disable=not progress) for row in _take(p)]
+    rows, held_out = [], {}
+    for p in tqdm(picks, desc="taking rows", disable=not progress):
+        taken, held_out[p.spec.name] = _take(p)
+        rows += taken
     rows = [rows[i] for i in np.random.default_rng([seed]).permutation(len(rows))]
     manifest = {
         "num_examples_requested": num_examples,
@@ -284,7 +296,7 @@ def mix(weights_path: str | os.PathLike, out: str | os.PathLike, num_examples: i
                      "default_rng([seed, crc32(name)])",
         "sources": [_source_entry(p) for p in picks],
     }
-    write_mixture(out, rows, manifest, specs, probs, overwrite, progress)
+    write_mixture(out, rows, manifest, specs, probs, overwrite, progress, held_out)
     return manifest
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 
 from .data import SourceSpec
 
-__all__ = ["publish", "render_snippets", "sha256_of", "write_mixture"]
+__all__ = ["held_out_file", "publish", "render_snippets", "sha256_of", "write_mixture"]
 
 MIXTURE_NAME = "scalebio_mixture"  # the LlamaFactory dataset_info key of the mixture itself
 _OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
@@ -171,10 +172,21 @@ def publish(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
+def held_out_file(index: int, name: str) -> str:
+    """``held_out/003-<name>.jsonl``: the index keeps names that sanitise alike apart."""
+    return f"held_out/{index:03d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.jsonl"
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
 def write_mixture(out: Path, rows: list[dict], manifest: dict, specs: list[SourceSpec],
-                  probs: list[float], overwrite: bool, progress: bool) -> None:
-    """Write ``mixture.jsonl``, ``dataset/``, ``snippets/`` and ``manifest.json`` (which gains
-    ``mixture_sha256`` and ``snippets``) into a temporary folder beside ``out``, then
+                  probs: list[float], overwrite: bool, progress: bool,
+                  held_out: dict[str, list[dict]]) -> None:
+    """Write ``mixture.jsonl``, ``dataset/``, ``snippets/``, ``held_out/`` and ``manifest.json``
+    (which gains ``mixture_sha256``, ``snippets`` and ``held_out``: per source name, the file
+    relative to ``out`` and its record count) into a temporary folder beside ``out``, then
     :func:`publish` it; a failure leaves ``out`` as it was and no temporary folder behind."""
     import datasets
 
@@ -183,8 +195,14 @@ def write_mixture(out: Path, rows: list[dict], manifest: dict, specs: list[Sourc
     bars_were_on = datasets.is_progress_bar_enabled()
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        jsonl = _jsonl(rows)
         (tmp / "mixture.jsonl").write_bytes(jsonl)
+        (tmp / "held_out").mkdir()
+        manifest["held_out"] = {}
+        for i, spec in enumerate(specs):
+            rel = held_out_file(i, spec.name)
+            (tmp / rel).write_bytes(_jsonl(held_out[spec.name]))
+            manifest["held_out"][spec.name] = {"path": rel, "records": len(held_out[spec.name])}
         if not progress:
             datasets.disable_progress_bars()
         datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "dataset"))

@@ -1,13 +1,12 @@
 """Mixture recovery at small LLM scale (docs/results.md §3; a script, not a test).
 
-Training sources are the demo's (clean addition, 25/50/75/100 % corrupted copies, prose, code).
-The validation set is drawn as a *known* mixture of two of them: π°(clean) = 0.6, π°(prose) = 0.4,
-fresh examples from each distribution. In the well-specified bilevel problem π° is a minimiser
-(theory/README.md); here the model is a small Llama trained from scratch for a few hundred steps,
-so we measure how close the learned weights come: L1 distance of the time-averaged and final
-weights to π°, for each α given.
+Runs ``scalebio.llm.recovery.recovery_run`` for every (α, seed) given and writes
+``recovery.json`` (one summary per run: final / averaged / tail-averaged L1 to π° at steps/4,
+steps/2 and steps) and ``recovery.md`` (mean ± std over seeds). The designs are described in
+``llm/recovery.py``: ``styles`` (identifiable, the default) and ``disjoint`` (not identifiable).
 
-    python docs/experiments/mixture_recovery.py --out runs/recovery --alphas 1 10 --steps 200
+    python docs/experiments/mixture_recovery.py --out runs/recovery --alphas 1 10 --seeds 0 1 2
+    python docs/experiments/mixture_recovery.py --out runs/recovery_disjoint --design disjoint
 """
 
 from __future__ import annotations
@@ -19,60 +18,64 @@ from pathlib import Path
 import numpy as np
 
 from scalebio.llm import outputs
-from scalebio.llm.config import config_from_dict
-from scalebio.llm.demo import demo_config
-from scalebio.llm.demo_data import addition_examples, prose_pool, write_demo_sources
-from scalebio.llm.train import reweight
-
-TARGET = {"clean": 0.6, "prose": 0.4}
+from scalebio.llm.recovery import recovery_run
 
 
-def write_mixture_validation(path: Path, n: int, seed: int) -> dict:
-    """n validation examples: round(0.6 n) fresh clean additions, the rest prose (own streams)."""
-    rng = np.random.default_rng([seed, 7001])
-    n_clean = round(TARGET["clean"] * n)
-    pool = prose_pool()
-    prose = [pool[int(i)] for i in rng.choice(len(pool), size=n - n_clean, replace=False)]
-    records = addition_examples(rng, n_clean) + prose
-    order = rng.permutation(len(records))
-    path.write_text("".join(json.dumps(records[int(i)]) + "\n" for i in order))
-    return {"name": "val_mixture", "path": str(path), "format": "alpaca"}
+def table(results: list[dict]) -> str:
+    """Mean ± sample std over seeds of each L1 column, one row per (α, checkpoint step)."""
+    lines = ["| α | step | L1(weights) | L1(average 1..t) | L1(average of last quarter) |",
+             "|---|---|---|---|---|"]
+    for alpha in sorted({r["alpha"] for r in results}):
+        runs = [r for r in results if r["alpha"] == alpha]
+        for i, point in enumerate(runs[0]["curve"]):
+            cells = []
+            for key in ("l1", "l1_averaged", "l1_tail"):
+                v = np.array([r["curve"][i][key] for r in runs])
+                std = f"{v.std(ddof=1):.3f}" if len(v) > 1 else "–"
+                cells.append(f"{v.mean():.3f} ± {std}")
+            lines.append(f"| {alpha:g} | {point['step']} | " + " | ".join(cells) + " |")
+    first = results[0]
+    lines += ["", f"π° = {first['target']}; L1(uniform, π°) = {first['l1_uniform']:.3f}; "
+              f"seeds {sorted({r['seed'] for r in results})}; design {first['design']}."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
+    p.add_argument("--design", choices=("styles", "disjoint"), default="styles")
     p.add_argument("--alphas", type=float, nargs="+", default=[1.0, 10.0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--geometry", choices=("softmax", "mirror"), default="softmax")
+    p.add_argument("--lambda-optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--lr-lambda", type=float, default=None, help="default: the demo's 5e-2")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
+                   help="shape of all three learning rates (default cosine: decays to 0)")
+    p.add_argument("--n-val", type=int, default=200, help="validation examples")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
     out = Path(args.out)
     outputs.prepare_out_dir(out, resume=False, overwrite=args.overwrite)
-    data = write_demo_sources(out / "data", seed=args.seed)
-    data["val"] = write_mixture_validation(out / "data" / "val_mixture.jsonl", 200, args.seed)
+    bilevel = {"geometry": args.geometry, "lambda_optimizer": args.lambda_optimizer,
+               "schedule": args.schedule}
+    if args.lr_lambda is not None:
+        bilevel["lr_lambda"] = args.lr_lambda
     results = []
     for alpha in args.alphas:
-        raw = demo_config(data, args.steps, args.seed)
-        raw["bilevel"]["alpha"] = alpha
-        raw["data"]["cache_dir"] = str(out / "cache")
-        raw["run"]["tracker"] = "none"
-        doc = reweight(config_from_dict(raw, "recovery"), out / f"alpha{alpha:g}", raw_config=raw)
-        target = {n: TARGET.get(n, 0.0) for n in doc["names"]}
-        row = {"alpha": alpha, "steps": args.steps}
-        for key in ("weights", "averaged_weights"):
-            row[f"l1_{key}"] = sum(abs(doc[key][n] - target[n]) for n in doc["names"])
-            row[key] = doc[key]
-        # L1 after half the steps, from the trajectory, to show the trend
-        half = doc["rows"][len(doc["rows"]) // 2 - 1]
-        row["l1_weights_half"] = sum(abs(half[f"weight/{n}"] - target[n]) for n in doc["names"])
-        results.append(row)
-        print(f"alpha {alpha:g}: L1(final) {row['l1_weights']:.3f}  L1(averaged) "
-              f"{row['l1_averaged_weights']:.3f}  L1(step {args.steps // 2}) "
-              f"{row['l1_weights_half']:.3f}")
-        print("  final: " + ", ".join(f"{n} {w:.3f}" for n, w in doc["weights"].items()))
-    outputs.atomic_write_text(out / "recovery.json", json.dumps(
-        {"target": TARGET, "results": results}, indent=2) + "\n")
+        for seed in args.seeds:
+            r = recovery_run(out / f"alpha{alpha:g}_seed{seed}", args.design, args.steps, seed,
+                             bilevel={**bilevel, "alpha": alpha}, n_val=args.n_val,
+                             threads=args.threads, progress=False)
+            results.append(r)
+            print(f"α {alpha:g} seed {seed}: " + "  ".join(
+                f"t={c['step']}: {c['l1']:.3f}/{c['l1_averaged']:.3f}/{c['l1_tail']:.3f}"
+                for c in r["curve"]) + "   final " + ", ".join(
+                f"{n} {w:.3f}" for n, w in r["weights"].items()), flush=True)
+    outputs.atomic_write_text(out / "recovery.json", json.dumps(results, indent=2) + "\n")
+    outputs.atomic_write_text(out / "recovery.md", table(results))
+    print(table(results))
 
 
 if __name__ == "__main__":

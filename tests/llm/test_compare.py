@@ -144,3 +144,24 @@ def test_failing_stage_is_named(tmp_path, capsys):
                           "--methods", "uniform", "--seeds", "3", "--no-progress"])
     assert code == 1
     assert "stage 'mix'" in capsys.readouterr().err
+
+
+def test_more_rows_than_data_without_upsampling_is_refused_before_training(tmp_path, capsys):
+    # TINY's demo task: 7 sources x 12 records = 84 rows; 85 cannot be reached taking each once
+    s = CompareSettings(**{**TINY.__dict__, "num_examples": 85, "when_short": "cap"})
+    with pytest.raises(ValueError, match="hold only 84 records"):
+        compare(tmp_path / "x", methods=("uniform",), seeds=(0,), settings=s, progress=False)
+    assert not (tmp_path / "x" / "runs").exists()  # refused before any (method, seed) ran
+    code = scalebio_main(["compare", "--out", str(tmp_path / "y"), "--quick", "--when-short",
+                          "cap", "--num-examples", "100000", "--no-progress"])
+    assert code == 2
+    assert "hold only 1120 records" in capsys.readouterr().err  # QUICK: 7 x 160
+
+
+def test_capped_mixture_runs_end_to_end(tmp_path):
+    s = CompareSettings(**{**TINY.__dict__, "num_examples": 84, "when_short": "cap"})
+    doc = compare(tmp_path / "x", methods=("uniform",), seeds=(0,), settings=s, progress=False)
+    manifest = json.loads((tmp_path / "x" / "runs" / "uniform" / "seed0" / "mix" /
+                           "manifest.json").read_text())
+    assert manifest["when_short"] == "cap" and manifest["num_examples_written"] == 84
+    assert doc["settings"]["when_short"] == "cap"

@@ -108,7 +108,9 @@ def test_end_to_end_after_sft(files, tmp_path, capsys):
                           str(tmp_path / "ev"), *args]) == 0
     table = capsys.readouterr().out
     doc = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert set(doc) == {"model", "max_examples", "seed", "max_new_tokens", "sets"}
+    assert set(doc) == {"model", "max_examples", "seed", "max_new_tokens", "held_out", "skipped",
+                        "sets"}
+    assert doc["held_out"] is None and doc["skipped"] == {}
     assert [(s["name"], s["role"]) for s in doc["sets"]] == [
         ("clean", "source"), ("corrupt50", "source"), ("val_clean", "validation"),
         ("validation", "validation_all")]
@@ -141,3 +143,72 @@ def test_errors(files, tmp_path, capsys):
     assert evaluate_main(["--model", str(tmp_path / "nothing"), "--config", str(cfg_file),
                           "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def _mix_of(files: dict, folder: Path, weights: dict, n: int) -> Path:
+    """`scalebio mix` of ``files``' sources with ``weights`` into ``folder/mix``."""
+    from scalebio.llm.mix import mix
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wfile = folder / "weights.json"
+    wfile.write_text(json.dumps({"weights": weights, "averaged_weights": weights,
+                                 "config": {"data": {"sources": files["sources"]}}}))
+    mix(wfile, folder / "mix", n, seed=1, progress=False)
+    return folder / "mix"
+
+
+def _complement(source_file: str, mixture: Path, name: str) -> list[tuple[str, str]]:
+    """The source's (prompt, answer) pairs minus the mixture's rows of that source (multiset)."""
+    left = _pairs(source_file)
+    for line in (mixture / "mixture.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["source"] == name:
+            left.remove(tuple(m["content"] for m in row["messages"]))
+    return left
+
+
+def test_held_out_loss_is_the_loss_on_the_undrawn_records(files, tmp_path, capsys):
+    _save_fixed_model(tmp_path / "model")
+    cfg, raw = sft_config(files, tmp_path / "cache")
+    mixture = _mix_of(files, tmp_path, {"clean": 0.25, "corrupt50": 0.75}, 40)  # 10/30 of 40/40
+    doc = evaluate(tmp_path / "model", cfg, tmp_path / "out", max_examples=100,
+                   held_out=mixture, progress=False)
+    by_name = {s["name"]: s for s in doc["sets"]}
+    for spec, held in zip(files["sources"], (30, 10)):
+        pairs = _complement(spec["path"], mixture, spec["name"])
+        assert len(pairs) == held == by_name[spec["name"]]["examples"]
+        torch.testing.assert_close(by_name[spec["name"]]["loss"],
+                                   _hand_loss(tmp_path / "model", pairs), rtol=HAND_RTOL, atol=0)
+    assert doc["held_out"] == str(mixture.resolve()) and doc["skipped"] == {}
+    # an up-sampled source has no undrawn record: skipped and listed, the others still scored
+    upsampled = _mix_of(files, tmp_path / "up", {"clean": 0.5, "corrupt50": 0.5}, 100)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(raw))
+    assert evaluate_main(["--model", str(tmp_path / "model"), "--config", str(cfg_file),
+                          "--out", str(tmp_path / "out2"), "--held-out", str(upsampled),
+                          "--no-progress"]) == 0
+    assert "skipped source 'clean'" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "out2" / "results.json").read_text())
+    assert set(doc["skipped"]) == {"clean", "corrupt50"}
+    assert [s["role"] for s in doc["sets"]] == ["validation", "validation_all"]
+
+
+def test_held_out_refusals(files, tmp_path, capsys):
+    _save_fixed_model(tmp_path / "model")
+    cfg, raw = sft_config(files, tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        evaluate(tmp_path / "model", cfg, tmp_path / "o1", held_out=tmp_path, progress=False)
+    only_clean = {**files, "sources": files["sources"][:1]}
+    mixture = _mix_of(only_clean, tmp_path, {"clean": 1.0}, 10)
+    with pytest.raises(ValueError, match="'corrupt50' of the config is not in this mixture"):
+        evaluate(tmp_path / "model", cfg, tmp_path / "o2", held_out=mixture, progress=False)
+    changed = dict(files["sources"][0], path=str(tmp_path / "clean_copy.jsonl"))
+    Path(changed["path"]).write_text(Path(files["sources"][0]["path"]).read_text() + "\n")
+    raw["data"]["sources"] = [changed]
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(raw))
+    assert evaluate_main(["--model", str(tmp_path / "model"), "--config", str(cfg_file),
+                          "--out", str(tmp_path / "o3"), "--held-out", str(mixture),
+                          "--no-progress"]) == 2
+    assert "changed since the mixture was drawn" in capsys.readouterr().err
+    assert not (tmp_path / "o3" / "results.json").exists()

@@ -125,6 +125,25 @@ def test_exact_counts_no_duplicates_and_dataset(data, tmp_path):
     assert len({r["source"] for r in rows[:10]}) > 1  # shuffled, not in source blocks
 
 
+def _held_out(out: Path, manifest: dict, name: str) -> list[dict]:
+    entry = manifest["held_out"][name]
+    lines = (out / entry["path"]).read_text().splitlines()
+    assert len(lines) == entry["records"]
+    return [json.loads(line)["messages"] for line in lines]
+
+
+def test_held_out_is_the_complement_in_file_order(data, tmp_path):
+    manifest = _run(data, tmp_path / "out", 40)  # 20/12/8 of 50/30/8
+    rows = _rows(tmp_path / "out")
+    for name, records in data[1].items():
+        taken = [r["messages"] for r in rows if r["source"] == name]
+        held = _held_out(tmp_path / "out", manifest, name)
+        # disjoint, together every record exactly once, held-out rows in file order
+        assert sorted(map(json.dumps, taken + held)) == sorted(map(json.dumps, records))
+        assert held == [m for m in records if m not in taken]
+    assert manifest["held_out"]["gamma"]["records"] == 0  # all 8 of gamma are in the mixture
+
+
 def test_upsample_takes_every_record_then_repeats(data, tmp_path):
     manifest = _run(data, tmp_path / "out", 100)  # gamma: 20 requested of 8
     rows = _rows(tmp_path / "out")
