@@ -13,7 +13,7 @@ from ..config import Config, ConfigError
 from . import common, doremi, less, rho, static
 
 METHODS = ("uniform", "size", "doremi", "rho", "less")
-MAX_PROJECTION_ENTRIES = 2**28  # LESS's dense projection: 1 GiB of float32 at most
+MAX_PROJECTION_ENTRIES = 2**28  # LESS's projection factors: 1 GiB of float32 at most
 
 
 def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
@@ -60,9 +60,10 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
     extra.update(steps=steps, lr=lr)
     trained = common.new_model(cfg, device)  # the uniform-mixture model: DoReMi's reference
     head = trained.get_output_embeddings().weight
-    if method == "less" and head.numel() * args.proj_dim > MAX_PROJECTION_ENTRIES:
-        raise ConfigError(f"baseline --proj-dim: a dense {head.numel()} x {args.proj_dim} "
-                          f"projection exceeds {MAX_PROJECTION_ENTRIES} entries; lower --proj-dim")
+    if method == "less" and sum(head.shape) * args.proj_dim > MAX_PROJECTION_ENTRIES:
+        raise ConfigError(f"baseline --proj-dim: projection factors for a {tuple(head.shape)} "
+                          f"head and d = {args.proj_dim} could exceed {MAX_PROJECTION_ENTRIES} "
+                          "entries; lower --proj-dim")
     common.train_weighted(trained, sampler, steps, lr, device, lambda batch, h: uniform,
                           "uniform mixture", progress)
 
@@ -101,7 +102,7 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
     # LESS-style
     trained.eval()
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    proj = less.rademacher_projection(head.numel(), args.proj_dim, gen)
+    proj = less.kronecker_projection(head.shape[0], head.shape[1], args.proj_dim, gen)
     g_val = less.mean_gradient(trained, common.example_batches(data.val, n, bs, pad), device, proj)
     scores = [less.cosine_scores(
         less.head_gradients(trained, common.example_batches(d, n, bs, pad), device, proj), g_val)

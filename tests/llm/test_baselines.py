@@ -19,7 +19,7 @@ from scalebio.llm.baselines import (
     clipped_excess,
     cosine_scores,
     doremi_update,
-    rademacher_projection,
+    kronecker_projection,
     reducible_losses,
     rho_weights,
     scores_to_weights,
@@ -115,31 +115,54 @@ def test_cosine_ranking_and_top_p_by_hand():
     assert top_p_ids([s[2:], s[:2]], 0.75) == [[0], [0, 1]]
 
 
-def test_projection_preserves_inner_products_in_expectation():
-    d, dim = 20000, 6
-    p = rademacher_projection(dim, d, torch.Generator().manual_seed(1))
-    gram = p.double() @ p.double().T
-    torch.testing.assert_close(gram.diagonal(), torch.ones(dim, dtype=torch.float64))  # exact
-    off = gram - torch.eye(dim, dtype=torch.float64)
-    assert off.abs().max() < PROJ_SIGMAS / math.sqrt(d)  # each entry has std 1/√d
+def test_projection_shape_and_unbiased_inner_products():
+    p = kronecker_projection(7, 5, 12, torch.Generator().manual_seed(1))
+    assert p.left.shape == (7, 4) and p.right.shape == (5, 3)  # d_H = 3 ≤ √12, d_V = 4
+    dense = p.dense().double()
+    assert dense.shape == (35, 12)
+    # every row of P = P_V ⊗ P_H has norm² (1)·(1) = 1 exactly
+    torch.testing.assert_close((dense * dense).sum(1), torch.ones(35, dtype=torch.float64))
+    # E⟨Pᵀa, Pᵀb⟩ = ⟨a, b⟩: the mean over independent draws is within PROJ_SIGMAS standard
+    # errors (the sample std of the draws / √n) of the exact inner product
     g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
-    err = abs(float((a @ p) @ (b @ p)) - float(a @ b))
-    assert err < PROJ_SIGMAS * float(a.norm() * b.norm()) * math.sqrt(2 / d)
+    a, b = torch.randn(35, generator=g).double(), torch.randn(35, generator=g).double()
+    draws = torch.tensor([float((a @ q) @ (b @ q)) for q in (
+        kronecker_projection(7, 5, 12, torch.Generator().manual_seed(100 + k)).dense().double()
+        for k in range(400))], dtype=torch.float64)
+    assert abs(float(draws.mean() - a @ b)) < PROJ_SIGMAS * float(draws.std()) / math.sqrt(400)
 
 
-def test_head_gradient_matches_closed_form():
-    """Autograd per-example head gradient vs Σ_t (p_t − y_t) h_tᵀ / n_i, in float64."""
-    from scalebio.llm.model import load_model
+def _autograd_head_gradients(model, mb) -> torch.Tensor:
+    """Per-example ∇_W ℓ_i by autograd, one backward each (the second implementation)."""
+    from scalebio.llm.losses import per_example_loss
 
-    model = load_model(config=TINY, seed=0).double()
-    g = torch.Generator().manual_seed(3)
+    head = model.get_output_embeddings().weight
+    losses = per_example_loss(model(input_ids=mb["input_ids"]).logits, mb["labels"])
+    return torch.stack([torch.autograd.grad(losses[i], head, retain_graph=True)[0].reshape(-1)
+                        for i in range(losses.numel())])
+
+
+def _head_batch(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, TINY["vocab_size"], (2, 7), generator=g)
     labels = ids.clone()
     labels[:, :3] = -100
-    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    eye = torch.eye(model.get_output_embeddings().weight.numel())
-    got = head_gradients(model, [mb], torch.device("cpu"), eye.double())
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_head_gradient_matches_closed_form_and_autograd():
+    """Identity factors give vec(G_i) itself; it equals Σ_t (p_t − y_t) h_tᵀ / n_i written out
+    and autograd's per-example gradient; a random Kronecker map equals autograd's gradient times
+    the dense P. All in float64: default tolerances."""
+    from scalebio.llm.baselines.less import KroneckerProjection
+    from scalebio.llm.model import load_model
+
+    model = load_model(config=TINY, seed=0).double()
+    mb = _head_batch(3)
+    vocab, hidden = model.get_output_embeddings().weight.shape
+    eye = KroneckerProjection(torch.eye(vocab).double(), torch.eye(hidden).double())
+    got = head_gradients(model, [mb], torch.device("cpu"), eye)
+    ids, labels = mb["input_ids"], mb["labels"]
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True)
         h, p = out.hidden_states[-1], torch.softmax(out.logits.double(), -1)
@@ -148,7 +171,13 @@ def test_head_gradient_matches_closed_form():
         mask = tgt != -100
         y = torch.nn.functional.one_hot(tgt[mask], TINY["vocab_size"]).double()
         want = (p[i, :-1][mask] - y).T @ h[i, :-1][mask] / mask.sum()
-        torch.testing.assert_close(got[i], want.reshape(-1))  # float64: default tolerances
+        torch.testing.assert_close(got[i], want.reshape(-1))
+    auto = _autograd_head_gradients(model, mb)
+    torch.testing.assert_close(got, auto)
+    proj = kronecker_projection(vocab, hidden, 16, torch.Generator().manual_seed(4))
+    proj = KroneckerProjection(proj.left.double(), proj.right.double())
+    torch.testing.assert_close(head_gradients(model, [mb], torch.device("cpu"), proj),
+                               auto @ proj.dense())
 
 
 def test_bad_hyperparameters_name_the_flag():
