@@ -5,7 +5,8 @@ Runs ``scalebio.llm.recovery.recovery_run`` for every (α, seed) given and write
 steps/2 and steps) and ``recovery.md`` (mean ± std over seeds). The designs are described in
 ``llm/recovery.py``: ``styles`` (identifiable, the default) and ``disjoint`` (not identifiable).
 
-    python docs/experiments/mixture_recovery.py --out runs/recovery --alphas 1 10 --seeds 0 1 2
+    python docs/experiments/mixture_recovery.py --out runs/recovery_a1          # α = 1, seeds 0-2
+    python docs/experiments/mixture_recovery.py --out runs/recovery_a10 --alphas 10 --lr-lambda 0.1
     python docs/experiments/mixture_recovery.py --out runs/recovery_disjoint --design disjoint
 """
 
@@ -44,24 +45,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--design", choices=("styles", "disjoint"), default="styles")
-    p.add_argument("--alphas", type=float, nargs="+", default=[1.0, 10.0])
+    p.add_argument("--alphas", type=float, nargs="+", default=[1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--geometry", choices=("softmax", "mirror"), default="softmax")
-    p.add_argument("--lambda-optimizer", choices=("adamw", "sgd"), default="adamw")
-    p.add_argument("--lr-lambda", type=float, default=None, help="default: the demo's 5e-2")
+    p.add_argument("--lambda-optimizer", choices=("adamw", "sgd"), default="sgd",
+                   help="default sgd (docs/results.md §3: Adam's fixed-speed step circles π°)")
+    p.add_argument("--lr-lambda", type=float, default=1.0)
     p.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
                    help="shape of all three learning rates (default cosine: decays to 0)")
-    p.add_argument("--n-val", type=int, default=200, help="validation examples")
+    p.add_argument("--n-val", type=int, default=4000,
+                   help="validation examples (few are memorised by w: docs/results.md §3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
     out = Path(args.out)
     outputs.prepare_out_dir(out, resume=False, overwrite=args.overwrite)
     bilevel = {"geometry": args.geometry, "lambda_optimizer": args.lambda_optimizer,
-               "schedule": args.schedule}
-    if args.lr_lambda is not None:
-        bilevel["lr_lambda"] = args.lr_lambda
+               "lr_lambda": args.lr_lambda, "schedule": args.schedule}
     results = []
     for alpha in args.alphas:
         for seed in args.seeds:

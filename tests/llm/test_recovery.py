@@ -75,3 +75,21 @@ def test_l1_curve_matches_direct_computation():
     assert curve[1]["l1"] == pytest.approx(0.0, abs=1e-12)
     assert curve[1]["l1_tail"] == pytest.approx(0.0, abs=1e-12)  # mean of rows 4: (0.7, 0.3)
     assert l1({"a": 0.5, "b": 0.5}, {"a": 1.0}) == pytest.approx(1.0)
+
+
+# The documented recovery run (docs/results.md §3) for one seed: the learned weights end within
+# L1 0.2 of π° (a third of uniform's 0.6; measured 0.035 for seed 0) and closer than at a quarter
+# of the run. About 4 minutes on 2 cores, hence slow.
+RECOVERY_L1 = 0.2
+
+
+@pytest.mark.slow
+def test_styles_mixture_is_recovered(tmp_path):
+    from scalebio.llm.recovery import recovery_run
+
+    bilevel = {"alpha": 1.0, "lambda_optimizer": "sgd", "lr_lambda": 1.0, "schedule": "cosine"}
+    r = recovery_run(tmp_path / "r", "styles", 400, 0, bilevel=bilevel, n_val=4000,
+                     progress=False)
+    assert r["l1"] < RECOVERY_L1 < r["l1_uniform"]
+    assert r["curve"][-1]["l1"] < r["curve"][0]["l1"]
+    assert max(r["weights"], key=r["weights"].get) == "digits"
