@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 from . import outputs
 from .batching import StepSampler
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError
+from .config import Config
 from .data import DataError, SourceSpec, load_sources
 from .engine import OptimizerSpec
-from .lisa import LisaConfig, active_blocks_for, find_decoder_blocks
+from .lisa import active_blocks_for
 from .losses import per_example_loss
 from .model import load_model
-from .train import build_engine, lr_shape, start_run
+from .train import build_engine, lisa_from_config, lr_shape, start_run
 
 TRAJECTORY_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds")
 MIXTURE_FILE = "mixture.jsonl"  # what `scalebio mix` writes into its output folder
@@ -60,18 +60,6 @@ def resolve_mixture(data: str | Path) -> Path:
     if p.is_dir() and (p / MIXTURE_FILE).is_file():
         return p / MIXTURE_FILE
     return p
-
-
-def _lisa(cfg: Config, model) -> tuple[LisaConfig | None, int]:
-    if not cfg.lisa.enabled:
-        return None, 0
-    lisa = LisaConfig(n_active=cfg.lisa.n_active, period=cfg.lisa.period,
-                      train_embeddings=cfg.lisa.train_embeddings, train_head=cfg.lisa.train_head,
-                      joint=cfg.lisa.joint)
-    num_blocks = len(find_decoder_blocks(model)[1])
-    if lisa.n_active > num_blocks:
-        raise ConfigError(f"lisa.n_active: {lisa.n_active} > the model's {num_blocks} blocks")
-    return lisa, num_blocks
 
 
 def trajectory_csv(rows: list[dict]) -> str:
@@ -128,7 +116,7 @@ def sft(cfg: Config, data: str | Path, out: Path, *, data_format: str = "message
     model = load_model(path=cfg.model.path, config=cfg.model.config, dtype=cfg.model.dtype,
                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed)
     model.to(device)
-    lisa, num_blocks = _lisa(cfg, model)
+    lisa, num_blocks = lisa_from_config(cfg, model)
     engine = build_engine(cfg, model, OptimizerSpec(name=b.optimizer, lr=b.lr_w,
                                                      weight_decay=b.weight_decay), lisa)
     ckpt_root, rows, start = out / "checkpoints", [], 0

@@ -137,6 +137,19 @@ def _vector(d: dict[int, float] | None, k: int, default: float | None, key: str,
     return [d.get(i, default) for i in range(k)]
 
 
+def lisa_from_config(cfg: Config, model) -> tuple[LisaConfig | None, int]:
+    """The run's LISA settings (None when off) and the model's number of decoder blocks."""
+    if not cfg.lisa.enabled:
+        return None, 0
+    lisa = LisaConfig(n_active=cfg.lisa.n_active, period=cfg.lisa.period,
+                      train_embeddings=cfg.lisa.train_embeddings, train_head=cfg.lisa.train_head,
+                      joint=cfg.lisa.joint)
+    num_blocks = len(find_decoder_blocks(model)[1])
+    if lisa.n_active > num_blocks:
+        raise ConfigError(f"lisa.n_active: {lisa.n_active} > the model's {num_blocks} blocks")
+    return lisa, num_blocks
+
+
 def _model_opt(cfg: Config, lr: float) -> OptimizerSpec:
     b = cfg.bilevel
     return OptimizerSpec(name=b.optimizer, lr=lr, weight_decay=b.weight_decay)
@@ -199,18 +212,7 @@ def reweight(
     model_u = copy_model(model_w)
     model_w.to(device)
     model_u.to(device)
-    lisa = None
-    if cfg.lisa.enabled:
-        lisa = LisaConfig(
-            n_active=cfg.lisa.n_active,
-            period=cfg.lisa.period,
-            train_embeddings=cfg.lisa.train_embeddings,
-            train_head=cfg.lisa.train_head,
-            joint=cfg.lisa.joint,
-        )
-        num_blocks = len(find_decoder_blocks(model_w)[1])
-        if lisa.n_active > num_blocks:
-            raise ConfigError(f"lisa.n_active: {lisa.n_active} > the model's {num_blocks} blocks")
+    lisa, num_blocks = lisa_from_config(cfg, model_w)
     eng_u = build_engine(cfg, model_u, _model_opt(cfg, b.lr_u), lisa)
     eng_w = build_engine(cfg, model_w, _model_opt(cfg, b.lr_w), lisa)
 

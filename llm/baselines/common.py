@@ -1,9 +1,12 @@
 """Shared pieces of the mixture baselines: hyperparameters, data/model set-up, a weighted training
 loop, per-example losses and the weights.json writer.
 
-Every baseline runs in one process on one device (no engines, no LISA): the baselines are
-references to compare ScaleBiO's weights against, sized like ScaleBiO's own runs on small proxies.
-Batches come from :class:`StepSampler` with the config's ``data`` settings and ``run.seed``.
+Every baseline runs in one process on one device (``engine.kind: single``; a multi-rank engine
+is refused): the baselines are references to compare ScaleBiO's weights against, sized like
+ScaleBiO's own runs. Models train through the same engine as ``reweight`` and ``sft``, so the
+config's ``lisa`` section applies (only the drawn blocks hold optimizer state: a proxy of a
+large model fits where full AdamW would not). Batches come from :class:`StepSampler` with the
+config's ``data`` settings and ``run.seed``.
 """
 
 from __future__ import annotations
@@ -125,46 +128,73 @@ def source_losses(model, batch: StepBatch, device: torch.device) -> Tensor:
     return h
 
 
-def train_weighted(model, sampler: StepSampler, steps: int, lr: float, device: torch.device,
+class Trainer:
+    """A model's optimizer: the one-process engine of llm/engine_torch.py (AdamW, weight decay 0)
+    with the config's LISA draws: those of ``reweight``'s model w, a function of the step."""
+
+    def __init__(self, cfg: Config, model, lr: float):
+        from ..engine import OptimizerSpec
+        from ..train import build_engine, lisa_from_config
+
+        if cfg.engine.kind != "single":
+            raise ConfigError(f"engine.kind: baselines run in one process; got "
+                              f"{cfg.engine.kind!r}, set engine.kind: single")
+        self.lisa, self.num_blocks = lisa_from_config(cfg, model)
+        self.engine = build_engine(cfg, model, OptimizerSpec("adamw", lr, weight_decay=0.0),
+                                   self.lisa)
+        self.lr, self.seed = lr, cfg.run.seed
+
+    def before(self, step: int) -> None:
+        """Re-draw the active blocks at the start of every LISA period."""
+        if self.lisa is not None and step % self.lisa.period == 0:
+            from ..lisa import active_blocks_for
+
+            self.engine.set_active_blocks(
+                active_blocks_for(step, self.seed, self.num_blocks, self.lisa, "w"))
+
+    def step(self) -> None:
+        self.engine.step(self.lr, None)  # steps and zeroes the gradients
+
+
+def train_weighted(trainer: Trainer, sampler: StepSampler, steps: int, device: torch.device,
                    mixture: Callable[[StepBatch, Tensor], Tensor], desc: str,
                    progress: bool = True) -> list[Tensor]:
-    """Minimise Σ_k π_k h_k with AdamW for ``steps`` steps; returns the π used at each step.
+    """Minimise Σ_k π_k h_k for ``steps`` steps; returns the π used at each step.
 
     ``mixture(batch, h)`` gives π from the step's batch and detached per-source losses h (called
     after the forward pass, before the backward one, so DoReMi can set π_t from the same batch).
     """
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     used = []
     for step in tqdm(range(steps), desc=desc, disable=not progress):
+        trainer.before(step)
         batch = sampler.batch(step)
-        h = source_losses(model, batch, device)
+        h = source_losses(trainer.engine.module, batch, device)
         pi = mixture(batch, h.detach()).to(device=device, dtype=h.dtype)
         loss = (pi * h).sum()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc} step {step}: non-finite loss; lower --lr")
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        trainer.step()
         used.append(pi.detach().cpu().double())
     return used
 
 
-def train_on_validation(model, sampler: StepSampler, steps: int, lr: float,
+def train_on_validation(trainer: Trainer, sampler: StepSampler, steps: int,
                         device: torch.device, progress: bool = True) -> None:
-    """Minimise the validation token-mean loss with AdamW (RHO-LOSS's reference model)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    """Minimise the validation token-mean loss (RHO-LOSS's reference model)."""
     for step in tqdm(range(steps), desc="reference (validation)", disable=not progress):
+        trainer.before(step)
         batch = sampler.batch(step)
         loss = torch.zeros((), device=device)
         for mb in batch.val:
             mb = _to(mb, device)
-            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            logits = trainer.engine.module(input_ids=mb["input_ids"],
+                                           attention_mask=mb["attention_mask"]).logits
             loss = loss + val_partial_sum(logits, mb["labels"], batch.val_tokens)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"reference step {step}: non-finite loss; lower --lr")
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        trainer.step()
 
 
 def example_batches(dataset, n: int, batch: int, pad_token_id: int):

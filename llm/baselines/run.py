@@ -64,8 +64,8 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
         raise ConfigError(f"baseline --proj-dim: projection factors for a {tuple(head.shape)} "
                           f"head and d = {args.proj_dim} could exceed {MAX_PROJECTION_ENTRIES} "
                           "entries; lower --proj-dim")
-    common.train_weighted(trained, sampler, steps, lr, device, lambda batch, h: uniform,
-                          "uniform mixture", progress)
+    common.train_weighted(common.Trainer(cfg, trained, lr), sampler, steps, device,
+                          lambda batch, h: uniform, "uniform mixture", progress)
 
     if method == "doremi":
         trained.eval()
@@ -79,8 +79,8 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
             excess.append(lam.tolist())
             return state["alpha"]
 
-        used = common.train_weighted(proxy, sampler, steps, lr, device, mixture, "DoReMi proxy",
-                                     progress)
+        used = common.train_weighted(common.Trainer(cfg, proxy, lr), sampler, steps,
+                                     device, mixture, "DoReMi proxy", progress)
         averaged = torch.stack(used).mean(0)
         extra.update(eta=args.eta, smoothing=args.smoothing,
                      trajectory={"weights": [u.tolist() for u in used], "excess": excess})
@@ -89,7 +89,8 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
     n, bs = args.max_examples, args.eval_batch
     if method == "rho":
         reference = common.new_model(cfg, device)
-        common.train_on_validation(reference, sampler, steps, lr, device, progress)
+        common.train_on_validation(common.Trainer(cfg, reference, lr), sampler,
+                                   steps, device, progress)
         trained.eval()
         reference.eval()
         tl = [common.example_losses(trained, d, n, bs, pad, device) for d in data.train]
