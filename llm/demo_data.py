@@ -48,7 +48,7 @@ _TEXT_CHARS = frozenset(string.ascii_letters + string.digits + string.punctuatio
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _record(instruction: str, output: str) -> dict:
+def alpaca_record(instruction: str, output: str) -> dict:
     return {"instruction": instruction, "input": "", "output": output}
 
 
@@ -81,7 +81,7 @@ def addition_examples(
                 answer = str(a + b + offset)  # a + b >= 20, so the wrong sum stays positive
             else:
                 answer = "".join(rng.choice(_JUNK_LETTERS, size=int(rng.integers(2, 4))))
-        records.append(_record(f"What is {a} + {b}?", answer))
+        records.append(alpaca_record(f"What is {a} + {b}?", answer))
     return records
 
 
@@ -100,7 +100,7 @@ def _continuation(text: str, lead: str) -> dict | None:
     instruction = f"{lead} {prompt}"
     if len(response) < 8 or len(instruction) + len(response) > MAX_PAIR_CHARS:
         return None
-    return _record(instruction, response)
+    return alpaca_record(instruction, response)
 
 
 def prose_pool() -> list[dict]:
@@ -141,14 +141,14 @@ def code_pool(modules: Sequence[str] = CODE_MODULES) -> list[dict]:
     return pool
 
 
-def _draw(rng: np.random.Generator, pool: list[dict], n: int) -> list[dict]:
+def draw_from_pool(rng: np.random.Generator, pool: list[dict], n: int) -> list[dict]:
     if not pool:
         raise RuntimeError("an off-target text pool is empty")
     picks = rng.choice(len(pool), size=n, replace=n > len(pool))
     return [pool[int(i)] for i in picks]
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
+def write_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=True) + "\n")
@@ -210,7 +210,8 @@ def write_demo_sources(
     pools = {"prose": prose_pool, "code": code_pool}
     for name in off_target:
         rng = np.random.default_rng([seed, streams[name]])
-        sources.append(_write_source(out, name, _draw(rng, pools[name](), n_train_per_source)))
+        records = draw_from_pool(rng, pools[name](), n_train_per_source)
+        sources.append(_write_source(out, name, records))
     val_rng = np.random.default_rng([seed, streams[VAL_NAME]])
     val = _write_source(out, VAL_NAME, addition_examples(val_rng, n_val))
     return {
@@ -223,7 +224,7 @@ def write_demo_sources(
 
 def _write_source(out: Path, name: str, records: list[dict]) -> dict:
     path = out / f"{name}.jsonl"
-    _write_jsonl(path, records)
+    write_jsonl(path, records)
     return {"name": name, "path": str(path), "format": "alpaca"}
 
 

@@ -28,13 +28,14 @@ from . import outputs
 from .config import config_from_dict
 from .demo import demo_config
 from .demo_data import (
-    _draw,
-    _record,
-    _write_jsonl,
     addition_examples,
+    alpaca_record,
+    draw_from_pool,
     prose_pool,
     write_demo_sources,
+    write_jsonl,
 )
+from .mix import hamilton_counts
 
 STYLES = ("digits", "lower", "symbols", "upper")
 STYLES_TARGET = {"digits": 0.5, "lower": 0.3, "symbols": 0.2, "upper": 0.0}
@@ -56,18 +57,13 @@ def style_examples(rng: np.random.Generator, n: int, style: str) -> list[dict]:
     for _ in range(n):
         a, b = (int(v) for v in rng.integers(10, 100, size=2))
         answer = "".join(rng.choice(_ALPHABETS[style], size=ANSWER_CHARS))
-        records.append(_record(f"What is {a} + {b}?", answer))
+        records.append(alpaca_record(f"What is {a} + {b}?", answer))
     return records
 
 
 def mixture_counts(target: dict[str, float], n: int) -> dict[str, int]:
-    """Largest-remainder rounding of n·π° (ties to the earlier name); counts sum to n."""
-    raw = {k: v * n for k, v in target.items()}
-    counts = {k: int(np.floor(v)) for k, v in raw.items()}
-    order = sorted(raw, key=lambda k: -(raw[k] - counts[k]))
-    for k in order[: n - sum(counts.values())]:
-        counts[k] += 1
-    return counts
+    """n·π° apportioned by ``mix``'s largest-remainder rule (counts sum to n exactly)."""
+    return dict(zip(target, hamilton_counts(list(target.values()), n)))
 
 
 def write_styles_task(out_dir: Path, seed: int, n_train: int, n_val: int) -> dict:
@@ -76,7 +72,7 @@ def write_styles_task(out_dir: Path, seed: int, n_train: int, n_val: int) -> dic
     sources = []
     for i, style in enumerate(STYLES):
         path = out_dir / f"{style}.jsonl"
-        _write_jsonl(path, style_examples(np.random.default_rng([seed, i]), n_train, style))
+        write_jsonl(path, style_examples(np.random.default_rng([seed, i]), n_train, style))
         sources.append({"name": style, "path": str(path), "format": "alpaca"})
     counts = mixture_counts(STYLES_TARGET, n_val)
     records = []
@@ -90,14 +86,15 @@ def write_disjoint_task(out_dir: Path, seed: int, n_train: int, n_val: int) -> d
     data = write_demo_sources(out_dir, seed=seed, n_train_per_source=n_train, n_val=n_val)
     counts = mixture_counts(DISJOINT_TARGET, n_val)
     rng = np.random.default_rng([seed, 7001])
-    records = addition_examples(rng, counts["clean"]) + _draw(rng, prose_pool(), counts["prose"])
+    records = addition_examples(rng, counts["clean"])
+    records += draw_from_pool(rng, prose_pool(), counts["prose"])
     return {"sources": data["sources"], "val": _write_val(out_dir, records, seed)}
 
 
 def _write_val(out_dir: Path, records: list[dict], seed: int) -> dict:
     order = np.random.default_rng([seed, 7002]).permutation(len(records))
     path = out_dir / "val_mixture.jsonl"
-    _write_jsonl(path, [records[int(i)] for i in order])
+    write_jsonl(path, [records[int(i)] for i in order])
     return {"name": "val_mixture", "path": str(path), "format": "alpaca"}
 
 
