@@ -58,12 +58,12 @@ def _rss_mb() -> float:
 
 def run_variant(args) -> dict:
     from scalebio import make_simplex
-    from scalebio.llm.engine import OptimizerSpec
-    from scalebio.llm.engine_torch import build_single_engine
-    from scalebio.llm.lisa import LisaConfig
-    from scalebio.llm.losses import per_example_loss
+    from scalebio.llm.engines.engine import OptimizerSpec
+    from scalebio.llm.engines.lisa import LisaConfig
+    from scalebio.llm.engines.torch_ddp import build_single_engine
+    from scalebio.llm.loop.losses import per_example_loss
+    from scalebio.llm.loop.step import Combine, bilevel_step
     from scalebio.llm.model import copy_model, load_model
-    from scalebio.llm.step import Combine, bilevel_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -4,12 +4,8 @@ and one clear `scalebio: error: …` line with exit status 2 per user error."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-# Quiet DeepSpeed's accelerator probe on CPU-only machines (environment.md §1c).
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "")
 
 
 def _fail(msg: str) -> int:
@@ -36,13 +32,13 @@ def reweight_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output folder")
     _output_flags(p, resume=True)
     args, overrides = p.parse_known_args(argv)
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .outputs import OutputError
+    from scalebio.llm.config import ConfigError, load_config
+    from scalebio.llm.data.sources import DataError
+    from scalebio.llm.outputs import OutputError
 
     try:
         cfg, raw = load_config(args.config, overrides)
-        from .train import reweight
+        from scalebio.llm.loop.reweight import reweight
 
         doc = reweight(
             cfg,
@@ -72,9 +68,9 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 is kept")
     _output_flags(p)
     args = p.parse_args(argv)
-    from .data import DataError
-    from .demo import run_demo
-    from .outputs import OutputError
+    from scalebio.llm.data.sources import DataError
+    from scalebio.llm.outputs import OutputError
+    from scalebio.llm.tasks.demo import run_demo
 
     try:
         summary = run_demo(
@@ -98,7 +94,7 @@ def mix_main(argv: list[str]) -> int:
         prog="scalebio mix",
         description="Build a training mixture of N examples from learned weights: per-source "
         "counts by largest-remainder (Hamilton) rounding, seeded draws, and ready-to-paste "
-        "configs for TRL, LlamaFactory and axolotl (see scalebio/llm/mix.py).",
+        "configs for TRL, LlamaFactory and axolotl (see llm/pipeline/mix.py).",
     )
     p.add_argument("--weights", required=True, help="weights.json written by scalebio reweight")
     p.add_argument("--config", default=None,
@@ -113,8 +109,8 @@ def mix_main(argv: list[str]) -> int:
                    "default) or cap (take each once; the mixture has fewer rows)")
     _output_flags(p)
     args = p.parse_args(argv)
-    from .data import DataError
-    from .mix import MixError, mix
+    from scalebio.llm.data.sources import DataError
+    from scalebio.llm.pipeline.mix import MixError, mix
 
     try:
         manifest = mix(args.weights, args.out, args.num_examples, config_path=args.config,
@@ -135,7 +131,8 @@ def sft_main(argv: list[str]) -> int:
         prog="scalebio sft",
         description="Fine-tune the config's model on a mixture (scalebio mix output). Uses the "
         "model/engine/lisa/run sections, data.validation/max_length/global_batch/micro_batches and "
-        "bilevel.steps/lr_w/optimizer/weight_decay/clip/schedule/warmup_ratio (llm/sft.py). "
+        "bilevel.steps/lr_w/optimizer/weight_decay/clip/schedule/warmup_ratio "
+        "(llm/pipeline/sft.py). "
         "Override any value with --section.key value.",
     )
     p.add_argument("--config", required=True, help="YAML/JSON run configuration")
@@ -146,13 +143,13 @@ def sft_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output folder")
     _output_flags(p, resume=True)
     args, overrides = p.parse_known_args(argv)
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .outputs import OutputError
+    from scalebio.llm.config import ConfigError, load_config
+    from scalebio.llm.data.sources import DataError
+    from scalebio.llm.outputs import OutputError
 
     try:
         cfg, _ = load_config(args.config, overrides)
-        from .sft import sft
+        from scalebio.llm.pipeline.sft import sft
 
         rows = sft(cfg, args.data, Path(args.out), data_format=args.format, resume=args.resume,
                    overwrite=args.overwrite, progress=not args.no_progress)
@@ -167,7 +164,7 @@ def evaluate_main(argv: list[str]) -> int:
         prog="scalebio evaluate",
         description="Token-mean loss of a saved model on each data.sources file and each "
         "data.validation file of a config, and greedy-answer accuracy on examples with a numeric "
-        "final answer (llm/evaluate.py).",
+        "final answer (llm/pipeline/evaluate.py).",
     )
     p.add_argument("--model", required=True,
                    help="folder written by save_pretrained (sft's OUT/model)")
@@ -182,13 +179,13 @@ def evaluate_main(argv: list[str]) -> int:
                    "draw (default: the whole file the config names)")
     _output_flags(p)
     args, overrides = p.parse_known_args(argv)
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .outputs import OutputError
+    from scalebio.llm.config import ConfigError, load_config
+    from scalebio.llm.data.sources import DataError
+    from scalebio.llm.outputs import OutputError
 
     try:
         cfg, _ = load_config(args.config, overrides)
-        from .evaluate import evaluate, format_table
+        from scalebio.llm.pipeline.evaluate import evaluate, format_table
 
         doc = evaluate(args.model, cfg, Path(args.out), max_examples=args.max_examples,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -228,13 +225,13 @@ def baseline_main(argv: list[str]) -> int:
     p.add_argument("--eval-batch", type=int, default=16)
     _output_flags(p)
     args, overrides = p.parse_known_args(argv)
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .outputs import OutputError
+    from scalebio.llm.config import ConfigError, load_config
+    from scalebio.llm.data.sources import DataError
+    from scalebio.llm.outputs import OutputError
 
     try:
         cfg, raw = load_config(args.config, overrides)
-        from .baselines import BaselineArgs, run_baseline
+        from scalebio.llm.baselines import BaselineArgs, run_baseline
 
         bargs = BaselineArgs(steps=args.steps, lr=args.lr, eta=args.eta, smoothing=args.smoothing,
                              rule=args.rule, temperature=args.temperature,
@@ -254,7 +251,8 @@ def compare_main(argv: list[str]) -> int:
         prog="scalebio compare",
         description="For each method and seed: weights -> mix -> sft -> evaluate on one task (the "
         "demo's sources by default); writes compare.json, compare.md and compare.png "
-        "(llm/compare.py). Exit 1 when a stage fails (its method, seed and stage are named).",
+        "(llm/pipeline/compare.py). Exit 1 when a stage fails (its method, seed and stage are "
+        "named).",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None,
@@ -273,7 +271,10 @@ def compare_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from dataclasses import replace
 
-    from .compare import (
+    from scalebio.llm.config import ConfigError
+    from scalebio.llm.data.sources import DataError
+    from scalebio.llm.outputs import OutputError
+    from scalebio.llm.pipeline.compare import (
         QUICK,
         CompareError,
         CompareSettings,
@@ -282,9 +283,6 @@ def compare_main(argv: list[str]) -> int:
         parse_methods,
         parse_seeds,
     )
-    from .config import ConfigError
-    from .data import DataError
-    from .outputs import OutputError
 
     if args.num_examples is not None and args.num_examples < 1:
         return _fail(f"--num-examples: a positive integer is required, got {args.num_examples}")

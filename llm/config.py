@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import SourceSpec
+from scalebio.llm.data.sources import SourceSpec
 
 
 class ConfigError(ValueError):

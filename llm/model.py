@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .tokenizer import CHAR_SPECIAL_TOKENS, char_vocab
+from scalebio.llm.data.tokenizer import CHAR_SPECIAL_TOKENS, char_vocab
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

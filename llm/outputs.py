@@ -69,14 +69,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def write_weights_json(path: Path, names, weights, averaged, extra: dict) -> None:
-    """``{"weights": {source: w}, "averaged_weights": {source: w}, ...}``; both sum to 1."""
+def on_simplex(values) -> list[float]:
+    """``values`` as float64, renormalised to sum to 1 (to float64 round-off).
+
+    Weights computed in float32 (a softmax on a GPU, DoReMi's update) sum to 1 only to ~1e-7;
+    users read these files and sum them, so they are written from float64 and renormalised."""
+    import numpy as np
+
+    v = np.asarray([float(x) for x in values], dtype=np.float64)
+    if not np.isfinite(v).all() or (v < 0).any() or v.sum() <= 0:
+        raise ValueError(f"weights must be finite, ≥ 0 and not all 0; got {v.tolist()}")
+    return (v / v.sum()).tolist()
+
+
+def write_weights_json(path: Path, names, weights, averaged, extra: dict) -> dict:
+    """``{"weights": {source: w}, "averaged_weights": {source: w}, ...}``, both written from
+    float64 and renormalised to sum to 1 (:func:`on_simplex`); returns the document."""
     doc = {
-        "weights": {n: float(w) for n, w in zip(names, weights)},
-        "averaged_weights": {n: float(w) for n, w in zip(names, averaged)},
+        "weights": dict(zip(names, on_simplex(weights))),
+        "averaged_weights": dict(zip(names, on_simplex(averaged))),
         **extra,
     }
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    return doc
 
 
 def trajectory_csv(rows: list[dict], names) -> str:

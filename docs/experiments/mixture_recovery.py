@@ -3,7 +3,8 @@
 Runs ``scalebio.llm.recovery.recovery_run`` for every (α, seed) given and writes
 ``recovery.json`` (one summary per run: final / averaged / tail-averaged L1 to π° at steps/4,
 steps/2 and steps) and ``recovery.md`` (mean ± std over seeds). The designs are described in
-``llm/recovery.py``: ``styles`` (identifiable, the default) and ``disjoint`` (not identifiable).
+``llm/tasks/recovery.py``: ``styles`` (identifiable, the default) and ``disjoint`` (not
+identifiable).
 
     python docs/experiments/mixture_recovery.py --out runs/recovery_a1          # α = 1, seeds 0-2
     python docs/experiments/mixture_recovery.py --out runs/recovery_a10 --alphas 10 --lr-lambda 0.1
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from scalebio.llm import outputs
-from scalebio.llm.recovery import recovery_run
+from scalebio.llm.tasks.recovery import recovery_run
 
 
 def table(results: list[dict]) -> str:

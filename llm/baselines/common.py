@@ -19,13 +19,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import outputs
-from ..batching import StepBatch, StepSampler, collate
-from ..config import Config, ConfigError
-from ..data import SourceData, load_sources
-from ..losses import per_example_loss, source_partial_sums, val_partial_sum
-from ..model import load_model
-from ..tokenizer import load_tokenizer
+from scalebio.llm import outputs
+from scalebio.llm.config import Config, ConfigError
+from scalebio.llm.data.batching import StepBatch, StepSampler, collate
+from scalebio.llm.data.sources import SourceData, load_sources
+from scalebio.llm.data.tokenizer import load_tokenizer
+from scalebio.llm.loop.losses import per_example_loss, source_partial_sums, val_partial_sum
+from scalebio.llm.model import load_model
 
 RULES = ("softmax", "positive")
 
@@ -129,12 +129,13 @@ def source_losses(model, batch: StepBatch, device: torch.device) -> Tensor:
 
 
 class Trainer:
-    """A model's optimizer: the one-process engine of llm/engine_torch.py (AdamW, weight decay 0)
-    with the config's LISA draws: those of ``reweight``'s model w, a function of the step."""
+    """A model's optimizer: the one-process engine of llm/engines/torch_ddp.py (AdamW, weight
+    decay 0) with the config's LISA draws: those of ``reweight``'s model w, a function of the
+    step."""
 
     def __init__(self, cfg: Config, model, lr: float):
-        from ..engine import OptimizerSpec
-        from ..train import build_engine, lisa_from_config
+        from scalebio.llm.engines.engine import OptimizerSpec
+        from scalebio.llm.loop.reweight import build_engine, lisa_from_config
 
         if cfg.engine.kind != "single":
             raise ConfigError(f"engine.kind: baselines run in one process; got "
@@ -147,7 +148,7 @@ class Trainer:
     def before(self, step: int) -> None:
         """Re-draw the active blocks at the start of every LISA period."""
         if self.lisa is not None and step % self.lisa.period == 0:
-            from ..lisa import active_blocks_for
+            from scalebio.llm.engines.lisa import active_blocks_for
 
             self.engine.set_active_blocks(
                 active_blocks_for(step, self.seed, self.num_blocks, self.lisa, "w"))
@@ -221,7 +222,5 @@ def write_result(out: Path, names, weights: Tensor, averaged: Tensor, method: st
                  extra: dict) -> dict:
     """Write ``out/weights.json`` in the format of ``scalebio reweight``; return the document."""
     doc_extra = {"names": list(names), "method": method, **extra}
-    outputs.write_weights_json(out / "weights.json", names, weights.tolist(), averaged.tolist(),
-                               doc_extra)
-    return {"weights": dict(zip(names, weights.tolist())),
-            "averaged_weights": dict(zip(names, averaged.tolist())), **doc_extra}
+    return outputs.write_weights_json(out / "weights.json", names, weights.tolist(),
+                                      averaged.tolist(), doc_extra)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..losses import per_example_loss, source_partial_sums
+from scalebio.llm.loop.losses import per_example_loss, source_partial_sums
 
 
 def doremi_update(weights: Tensor, excess: Tensor, eta: float, smoothing: float) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import scores_to_weights
+from scalebio.llm.baselines.common import scores_to_weights
 
 
 def reducible_losses(train_losses: list[Tensor], ref_losses: list[Tensor]) -> Tensor:

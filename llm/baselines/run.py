@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .. import outputs
-from ..config import Config, ConfigError
-from . import common, doremi, less, rho, static
+from scalebio.llm import outputs
+from scalebio.llm.baselines import common, doremi, less, rho, static
+from scalebio.llm.config import Config, ConfigError
 
 METHODS = ("uniform", "size", "doremi", "rho", "less")
 MAX_PROJECTION_ENTRIES = 2**28  # LESS's projection factors: 1 GiB of float32 at most

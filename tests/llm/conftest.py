@@ -28,7 +28,7 @@ def deepspeed_dist():
     import torch._dynamo  # noqa: F401  (env.md §2b: import before DeepSpeed patches Tensor.__new__)
 
     deepspeed = pytest.importorskip("deepspeed")
-    from scalebio.llm.engine_deepspeed import skip_cpu_shm_op
+    from scalebio.llm.engines.deepspeed_zero import skip_cpu_shm_op
 
     skip_cpu_shm_op()  # no 30 s JIT build of the shm comm op; gloo does the collectives
     torch.set_num_threads(1)

@@ -30,8 +30,8 @@ from scalebio.llm.baselines import (
 )
 from scalebio.llm.baselines.less import head_gradients
 from scalebio.llm.config import ConfigError
-from scalebio.llm.demo_data import corrupt_name, write_demo_sources
-from scalebio.llm.tokenizer import char_vocab
+from scalebio.llm.data.tokenizer import char_vocab
+from scalebio.llm.tasks.demo_data import corrupt_name, write_demo_sources
 
 PROJ_SIGMAS = 6.0  # Monte-Carlo check of E⟨Pᵀa, Pᵀb⟩ = ⟨a, b⟩: 6 standard deviations of one draw
 # Engine AdamW vs torch.optim.AdamW: the same update, possibly another kernel (foreach vs loop),
@@ -137,7 +137,7 @@ def test_projection_shape_and_unbiased_inner_products():
 
 def _autograd_head_gradients(model, mb) -> torch.Tensor:
     """Per-example ∇_W ℓ_i by autograd, one backward each (the second implementation)."""
-    from scalebio.llm.losses import per_example_loss
+    from scalebio.llm.loop.losses import per_example_loss
 
     head = model.get_output_embeddings().weight
     losses = per_example_loss(model(input_ids=mb["input_ids"]).logits, mb["labels"])
@@ -326,7 +326,7 @@ def test_engine_training_equals_a_plain_adamw_loop(config):
 
 def test_lisa_trains_only_the_drawn_blocks(config):
     from scalebio.llm.baselines import common
-    from scalebio.llm.lisa import LisaConfig, active_blocks_for
+    from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for
 
     cfg, sampler = _trainer_setup(config, lisa={"enabled": True, "n_active": 1, "period": 5,
                                                 "train_embeddings": False, "train_head": False})
@@ -338,7 +338,7 @@ def test_lisa_trains_only_the_drawn_blocks(config):
     (drawn,) = active_blocks_for(0, cfg.run.seed, 2, LisaConfig(n_active=1, period=5), "w")
     for name, value in model.state_dict().items():
         changed = not torch.equal(value, before[name])
-        # the drawn block trains, and the final norm (small, always trained: llm/lisa.py);
+        # the drawn block trains, and the final norm (small, always trained: llm/engines/lisa.py);
         # the other block, the embeddings and the head (both switched off here) stay put
         assert changed == name.startswith((f"model.layers.{drawn}.", "model.norm.")), name
 

@@ -1,4 +1,4 @@
-"""llm/batching.py: pure in (seed, step), rank split, global counts, padding, sampling laws."""
+"""llm/data/batching.py: pure in (seed, step), rank split, global counts, padding, sampling laws."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers_data import alpaca_records, make_char_tokenizer, write_jsonl
 
-from scalebio.llm.batching import StepSampler
-from scalebio.llm.data import SourceSpec, load_sources
-from scalebio.llm.losses import count_targets
+from scalebio.llm.data.batching import StepSampler
+from scalebio.llm.data.sources import SourceSpec, load_sources
+from scalebio.llm.loop.losses import count_targets
 
 SIZES = {"a": 5, "b": 12, "c": 3}
 # Frequencies over many i.i.d. draws: a deterministic seed, checked against the binomial law with a

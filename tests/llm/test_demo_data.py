@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scalebio.llm.demo_data import (
+from scalebio.llm.data.tokenizer import char_tokenizer
+from scalebio.llm.tasks.demo_data import (
     DEFAULT_CORRUPTION_RATES,
     MAX_PAIR_CHARS,
     MAX_RESPONSE_CHARS,
@@ -20,7 +21,6 @@ from scalebio.llm.demo_data import (
     smollm2_available,
     write_demo_sources,
 )
-from scalebio.llm.tokenizer import char_tokenizer
 
 N_TRAIN = 1000
 N_VAL = 300
@@ -175,8 +175,8 @@ def test_smollm2_reuses_a_finished_cache_and_needs_the_wheel(tmp_path):
 def test_smollm2_conversion_loads_as_a_real_llama(tmp_path):
     import torch
 
+    from scalebio.llm.data.tokenizer import load_tokenizer
     from scalebio.llm.model import load_model
-    from scalebio.llm.tokenizer import load_tokenizer
 
     folder = load_smollm2(tmp_path)
     model, tokenizer = load_model(path=folder).eval(), load_tokenizer(folder)

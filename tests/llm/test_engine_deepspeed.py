@@ -14,8 +14,8 @@ import torch
 from tiny_models import block_prefix, lm_loss, reference_lisa_step, reference_step, tiny_model
 from tiny_models import token_batch as batch
 
-from scalebio.llm.engine import OptimizerSpec, live_tensor_bytes
-from scalebio.llm.lisa import LisaConfig
+from scalebio.llm.engines.engine import OptimizerSpec, live_tensor_bytes
+from scalebio.llm.engines.lisa import LisaConfig
 
 pytestmark = pytest.mark.deepspeed
 STAGES = [2, 3]
@@ -44,7 +44,7 @@ CLIP_RTOL = 1e-6  # ZeRO scales grads by 1/((‖g‖+1e-6)/c), torch by c/(‖g�
 
 
 def build(stage, spec=ADAM, lisa=LISA, seed=0):
-    from scalebio.llm.engine_deepspeed import build_deepspeed_engine
+    from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine
 
     return build_deepspeed_engine(tiny_model("llama", seed=seed), spec, lisa, stage,
                                   zero_config=ZERO)
@@ -184,7 +184,7 @@ def test_state_dict_round_trip(deepspeed_dist, stage, tmp_path):
 
 def test_bf16_tied_embeddings_freeze_and_round_trip(deepspeed_dist):
     """ZeRO-3, bf16 weights with fp32 masters, input/output embeddings tied."""
-    from scalebio.llm.engine_deepspeed import build_deepspeed_engine
+    from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine
 
     def make(seed):
         return build_deepspeed_engine(tiny_model("llama", seed=seed, tie=True), ADAM, LISA, 3,
@@ -231,7 +231,7 @@ def test_clipping_and_norm_match_torch(deepspeed_dist, stage):
 @pytest.mark.slow  # the first use JIT-builds DeepSpeed's cpu_adam op (about 50 s cold)
 @pytest.mark.parametrize("stage", STAGES)
 def test_offload_lisa_matches_torch_and_round_trips(deepspeed_dist, stage):
-    from scalebio.llm.engine_deepspeed import build_deepspeed_engine
+    from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine
 
     def make(seed):
         return build_deepspeed_engine(tiny_model("llama", seed=seed), ADAM, LISA, stage,
@@ -261,7 +261,7 @@ def test_offload_lisa_matches_torch_and_round_trips(deepspeed_dist, stage):
 
 
 def test_bad_arguments_are_named():
-    from scalebio.llm.engine_deepspeed import build_deepspeed_engine, deepspeed_config
+    from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine, deepspeed_config
 
     with pytest.raises(ValueError, match="zero_stage"):
         deepspeed_config(1, False, False)

@@ -22,9 +22,9 @@ from tiny_models import (
     token_batch,
 )
 
-from scalebio.llm.engine import OptimizerSpec, live_tensor_bytes
-from scalebio.llm.engine_fsdp2 import build_fsdp2_engine
-from scalebio.llm.lisa import LisaConfig, active_blocks_for
+from scalebio.llm.engines.engine import OptimizerSpec, live_tensor_bytes
+from scalebio.llm.engines.fsdp2 import build_fsdp2_engine
+from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for
 
 LR, CLIP, SEED = 1e-2, 0.5, 11
 BYTES_SLACK = 0.01  # the task's bound; covers AdamW's per-tensor `step` scalars

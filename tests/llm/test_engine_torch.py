@@ -21,9 +21,9 @@ from tiny_models import (
     token_batch,
 )
 
-from scalebio.llm.engine import OptimizerSpec, live_tensor_bytes
-from scalebio.llm.engine_torch import build_single_engine
-from scalebio.llm.lisa import LisaConfig, active_blocks_for
+from scalebio.llm.engines.engine import OptimizerSpec, live_tensor_bytes
+from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for
+from scalebio.llm.engines.torch_ddp import build_single_engine
 
 LR = 1e-2
 CLIP = 0.5  # below the tiny model's grad norm (≈ 1.5–3.5), so the clipping path really runs

@@ -13,11 +13,11 @@ from test_sft import TINY, demo_files, sft_config, write_mixture
 
 from scalebio.llm.cli import evaluate_main
 from scalebio.llm.config import config_from_dict
-from scalebio.llm.evaluate import evaluate, first_number, format_table, reference_number
+from scalebio.llm.data.tokenizer import CHAR_SPECIAL_TOKENS, char_tokenizer, char_vocab
 from scalebio.llm.model import load_model
 from scalebio.llm.outputs import OutputError
-from scalebio.llm.sft import sft
-from scalebio.llm.tokenizer import CHAR_SPECIAL_TOKENS, char_tokenizer, char_vocab
+from scalebio.llm.pipeline.evaluate import evaluate, first_number, format_table, reference_number
+from scalebio.llm.pipeline.sft import sft
 
 # Batched right-padded float32 forwards vs one unpadded float64-softmax forward per example:
 # the same math in another summation order, so agreement to float32 rounding.
@@ -147,7 +147,7 @@ def test_errors(files, tmp_path, capsys):
 
 def _mix_of(files: dict, folder: Path, weights: dict, n: int) -> Path:
     """`scalebio mix` of ``files``' sources with ``weights`` into ``folder/mix``."""
-    from scalebio.llm.mix import mix
+    from scalebio.llm.pipeline.mix import mix
 
     folder.mkdir(parents=True, exist_ok=True)
     wfile = folder / "weights.json"

@@ -10,10 +10,10 @@ from tiny_models import lm_loss, tiny_model, token_batch
 from torch.testing import assert_close
 
 import scalebio as sb
-from scalebio.llm.engine import OptimizerSpec
-from scalebio.llm.engine_torch import build_single_engine
-from scalebio.llm.lisa import LisaConfig
-from scalebio.llm.step import Combine, bilevel_step
+from scalebio.llm.engines.engine import OptimizerSpec
+from scalebio.llm.engines.lisa import LisaConfig
+from scalebio.llm.engines.torch_ddp import build_single_engine
+from scalebio.llm.loop.step import Combine, bilevel_step
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tiny_models import LAYERS, tiny_model
 from torch import nn
 
-from scalebio.llm.lisa import (
+from scalebio.llm.engines.lisa import (
     LisaConfig,
     active_blocks_for,
     apply_active_blocks,

@@ -1,4 +1,5 @@
-"""llm/losses.py against hand-written float64 references, and gradient accumulation exactness."""
+"""llm/loop/losses.py against hand-written float64 references, and gradient accumulation
+exactness."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import scalebio as sb
-from scalebio.llm.batching import StepSampler
-from scalebio.llm.data import SourceSpec, load_sources
-from scalebio.llm.losses import (
+from scalebio.llm.data.batching import StepSampler
+from scalebio.llm.data.sources import SourceSpec, load_sources
+from scalebio.llm.loop.losses import (
     count_targets,
     per_example_loss,
     source_partial_sums,

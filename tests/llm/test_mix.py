@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scalebio.cli import main as cli_main
-from scalebio.llm import mix_outputs
-from scalebio.llm.conversations import to_messages
-from scalebio.llm.data import DataError
-from scalebio.llm.mix import MixError, hamilton_counts, mix
+from scalebio.llm.data.conversations import to_messages
+from scalebio.llm.data.sources import DataError
+from scalebio.llm.pipeline import mix_outputs
+from scalebio.llm.pipeline.mix import MixError, hamilton_counts, mix
 
 SIZES = {"alpha": 50, "beta": 30, "gamma": 8}  # records per source; 88 in all
 WEIGHTS = {"alpha": 0.5, "beta": 0.3, "gamma": 0.2}
@@ -159,7 +159,7 @@ def test_upsample_takes_every_record_then_repeats(data, tmp_path):
 
 
 def test_cap_takes_every_record_once_and_logs(data, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="scalebio.llm.mix"):
+    with caplog.at_level(logging.WARNING, logger="scalebio.llm.pipeline.mix"):
         manifest = _run(data, tmp_path / "out", 80, when_short="cap")  # 40/24/16; gamma has 8
     rows = _rows(tmp_path / "out")
     # the shortfall is not redistributed: alpha and beta keep exactly their Hamilton counts

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from scalebio.llm.data.tokenizer import char_tokenizer
 from scalebio.llm.model import TINY_LLAMA, copy_model, load_model, resolve_dtype
-from scalebio.llm.tokenizer import char_tokenizer
 
 SMALL_LLAMA = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -12,10 +12,10 @@ from torch import nn
 from torch.testing import assert_close
 
 import scalebio as sb
-from scalebio.llm.batching import StepBatch
-from scalebio.llm.engine import OptimizerSpec
-from scalebio.llm.engine_torch import build_single_engine
-from scalebio.llm.step import Combine, bilevel_step
+from scalebio.llm.data.batching import StepBatch
+from scalebio.llm.engines.engine import OptimizerSpec
+from scalebio.llm.engines.torch_ddp import build_single_engine
+from scalebio.llm.loop.step import Combine, bilevel_step
 
 V, T, K, N_PER = 6, 5, 3, 4  # vocabulary, sequence length, sources, examples per source
 PARITY_TOL = 1e-6  # the bar; float64 round-off over 15 steps is ~1e-13 in practice

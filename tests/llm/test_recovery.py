@@ -1,4 +1,4 @@
-"""Mixture-recovery task (llm/recovery.py): the styles are disjoint and equal-length (so the
+"""Mixture-recovery task (llm/tasks/recovery.py): the styles are disjoint and equal-length (so the
 validation optimum is π° at the token level too), the validation file holds exactly the
 apportioned counts, and the L1 curve matches a direct computation."""
 
@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from scalebio.llm.recovery import (
+from scalebio.llm.tasks.recovery import (
     ANSWER_CHARS,
     STYLES,
     STYLES_TARGET,
@@ -85,7 +85,7 @@ RECOVERY_L1 = 0.2
 
 @pytest.mark.slow
 def test_styles_mixture_is_recovered(tmp_path):
-    from scalebio.llm.recovery import recovery_run
+    from scalebio.llm.tasks.recovery import recovery_run
 
     bilevel = {"alpha": 1.0, "lambda_optimizer": "sgd", "lr_lambda": 1.0, "schedule": "cosine"}
     r = recovery_run(tmp_path / "r", "styles", 400, 0, bilevel=bilevel, n_val=4000,

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from scalebio.llm.cli import reweight_main
-from scalebio.llm.demo_data import write_demo_sources
-from scalebio.llm.tokenizer import CHAR_SPECIAL_TOKENS, char_vocab
+from scalebio.llm.data.tokenizer import CHAR_SPECIAL_TOKENS, char_vocab
+from scalebio.llm.tasks.demo_data import write_demo_sources
 
 TINY = {
     "model_type": "llama",

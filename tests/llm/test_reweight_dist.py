@@ -14,7 +14,7 @@ import pytest
 import yaml
 from test_reweight import TINY  # noqa: E402  (tests/llm is on sys.path under pytest)
 
-from scalebio.llm.demo_data import write_demo_sources
+from scalebio.llm.tasks.demo_data import write_demo_sources
 
 DIST_TOL = 1e-5  # float32 sums in a different order across ranks; trajectories of 4 steps
 

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from scalebio.llm.cli import sft_main
 from scalebio.llm.config import config_from_dict
-from scalebio.llm.data import DataError
-from scalebio.llm.demo_data import write_demo_sources
+from scalebio.llm.data.sources import DataError
+from scalebio.llm.data.tokenizer import char_vocab
 from scalebio.llm.outputs import OutputError
-from scalebio.llm.sft import TRAJECTORY_FIELDS, sft
-from scalebio.llm.tokenizer import char_vocab
+from scalebio.llm.pipeline.sft import TRAJECTORY_FIELDS, sft
+from scalebio.llm.tasks.demo_data import write_demo_sources
 
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scalebio.llm.tokenizer import (
+from scalebio.llm.data.tokenizer import (
     CHAR_CHAT_TEMPLATE,
     CHAR_SPECIAL_TOKENS,
     DEFAULT_ALPHABET,

@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import block_prefix, reference_lisa_step, reference_step  # noqa: E402
 
-from scalebio.llm.engine import OptimizerSpec  # noqa: E402
-from scalebio.llm.engine_fsdp2 import build_fsdp2_engine  # noqa: E402
-from scalebio.llm.engine_torch import build_single_engine  # noqa: E402
-from scalebio.llm.lisa import LisaConfig, active_blocks_for  # noqa: E402
+from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
+from scalebio.llm.engines.fsdp2 import build_fsdp2_engine  # noqa: E402
+from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for  # noqa: E402
+from scalebio.llm.engines.torch_ddp import build_single_engine  # noqa: E402
 
 LR, CLIP, SEED, STEPS = 1e-3, 1.0, 4, int(sys.argv[2]) if len(sys.argv) > 2 else 12
 CFG = LisaConfig(n_active=2, period=2)

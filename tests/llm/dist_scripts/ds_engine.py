@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepspeed  # noqa: E402
 from tiny_models import block_prefix, lm_loss, tiny_model, token_batch  # noqa: E402
 
-from scalebio.llm.engine import OptimizerSpec  # noqa: E402
-from scalebio.llm.engine_deepspeed import build_deepspeed_engine, skip_cpu_shm_op  # noqa: E402
-from scalebio.llm.lisa import LisaConfig  # noqa: E402
+from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine, skip_cpu_shm_op  # noqa: E402
+from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
+from scalebio.llm.engines.lisa import LisaConfig  # noqa: E402
 
 SGD_LR, STEPS = 0.5, 4
 SCHED = {"u": [[0], [0], [2], [2]], "w": [[1, 3], [1, 3], [0], [0]]}

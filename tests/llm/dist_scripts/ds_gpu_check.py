@@ -25,9 +25,9 @@ from tiny_models import block_prefix, reference_lisa_step, reference_step, tiny_
 from tiny_models import token_batch as batch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from scalebio.llm.engine import OptimizerSpec  # noqa: E402
-from scalebio.llm.engine_deepspeed import build_deepspeed_engine, skip_cpu_shm_op  # noqa: E402
-from scalebio.llm.lisa import LisaConfig  # noqa: E402
+from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine, skip_cpu_shm_op  # noqa: E402
+from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
+from scalebio.llm.engines.lisa import LisaConfig  # noqa: E402
 
 SMALL = "--small" in sys.argv
 CUDA = torch.cuda.is_available() and not SMALL

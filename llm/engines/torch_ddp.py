@@ -20,14 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine import (
+from scalebio.llm.engines.engine import (
     LisaOptimizer,
     OptimizerSpec,
     clip_grad_norm,
     engine_state,
     load_engine_state,
 )
-from .lisa import LisaConfig, lisa_layout
+from scalebio.llm.engines.lisa import LisaConfig, lisa_layout
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:

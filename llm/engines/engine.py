@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .lisa import LisaLayout, apply_active_blocks, check_active
+from scalebio.llm.engines.lisa import LisaLayout, apply_active_blocks, check_active
 
 _OPTIMIZERS = ("adamw", "sgd")
 

@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import outputs
-from .config import config_from_dict, load_config
-from .demo import demo_config
-from .demo_data import write_demo_sources
+from scalebio.llm import outputs
+from scalebio.llm.config import config_from_dict, load_config
+from scalebio.llm.tasks.demo import demo_config
+from scalebio.llm.tasks.demo_data import write_demo_sources
 
 METHODS = ("scalebio", "uniform", "size", "doremi", "rho", "less")
 STAGES = ("weights", "mix", "sft", "eval")
@@ -154,7 +154,7 @@ def _stage_raw(base: dict, seed: int, s: CompareSettings, stage: str) -> dict:
 
 def _check_mixture_size(base: dict, config_file: Path, s: CompareSettings) -> None:
     """Refuse, before any training, what ``mix`` would refuse after every weights stage."""
-    from .mix import WHEN_SHORT, count_records, sources_from_config
+    from scalebio.llm.pipeline.mix import WHEN_SHORT, count_records, sources_from_config
 
     if s.when_short not in WHEN_SHORT:
         raise ValueError(f"--when-short: expected one of {WHEN_SHORT}, got {s.when_short!r}")
@@ -170,11 +170,11 @@ def _check_mixture_size(base: dict, config_file: Path, s: CompareSettings) -> No
 def run_one(base: dict, config_file: Path, method: str, seed: int, run_dir: Path,
             s: CompareSettings) -> dict:
     """Weights → mix → sft → eval for one (method, seed); returns its metrics and weights."""
-    from .baselines import BaselineArgs, run_baseline
-    from .evaluate import evaluate
-    from .mix import mix
-    from .sft import sft
-    from .train import reweight
+    from scalebio.llm.baselines import BaselineArgs, run_baseline
+    from scalebio.llm.loop.reweight import reweight
+    from scalebio.llm.pipeline.evaluate import evaluate
+    from scalebio.llm.pipeline.mix import mix
+    from scalebio.llm.pipeline.sft import sft
 
     t0, stage, seconds = time.perf_counter(), STAGES[0], {}
     try:

@@ -30,8 +30,8 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
-from .engine import OptimizerSpec, tensor_bytes
-from .lisa import LisaConfig, apply_active_blocks, check_active, lisa_layout
+from scalebio.llm.engines.engine import OptimizerSpec, tensor_bytes
+from scalebio.llm.engines.lisa import LisaConfig, apply_active_blocks, check_active, lisa_layout
 
 FORMAT = "scalebio-deepspeed-v1"
 _RESERVED_ZERO_KEYS = ("stage", "offload_optimizer")

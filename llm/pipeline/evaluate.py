@@ -6,7 +6,8 @@ Sets evaluated (all read and tokenised by :func:`load_sources`, as reweight and 
   plus all together as ``validation``). Per source, either **the file the config names** (rows
   that ``scalebio mix`` drew for training are among them: a measure of fit) or, with
   ``held_out=MIX_DIR``, **the records that mixture did not draw** (``MIX_DIR/held_out/``, see
-  llm/mix.py): a held-out loss. The held-out split must belong to the same bytes: a source whose
+  llm/pipeline/mix.py): a held-out loss. The held-out split must belong to the same bytes: a
+  source whose
   file changed since the mix (sha256 in its manifest) is refused, and a source every record of
   which is in the mixture (up-sampled) is skipped and listed under ``skipped``. At most
   ``max_examples`` examples per set are used, drawn without replacement by ``torch.randperm``
@@ -36,15 +37,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import outputs
-from .batching import collate
-from .config import Config
-from .conversations import render, to_messages
-from .data import SourceSpec, _read_records, load_sources  # the reader reweight uses
-from .losses import val_partial_sum
-from .mix_outputs import sha256_of
-from .model import load_model
-from .tokenizer import load_tokenizer
+from scalebio.llm import outputs
+from scalebio.llm.config import Config
+from scalebio.llm.data.batching import collate
+from scalebio.llm.data.conversations import render, to_messages
+from scalebio.llm.data.sources import (  # the reader reweight uses
+    SourceSpec,
+    _read_records,
+    load_sources,
+)
+from scalebio.llm.data.tokenizer import load_tokenizer
+from scalebio.llm.loop.losses import val_partial_sum
+from scalebio.llm.model import load_model
+from scalebio.llm.pipeline.mix_outputs import sha256_of
 
 # A number: optional sign, digits with optional thousands separators, optional decimals.
 NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?")

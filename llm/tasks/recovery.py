@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import outputs
-from .config import config_from_dict
-from .demo import demo_config
-from .demo_data import (
+from scalebio.llm import outputs
+from scalebio.llm.config import config_from_dict
+from scalebio.llm.pipeline.mix import hamilton_counts
+from scalebio.llm.tasks.demo import demo_config
+from scalebio.llm.tasks.demo_data import (
     addition_examples,
     alpaca_record,
     draw_from_pool,
@@ -35,7 +36,6 @@ from .demo_data import (
     write_demo_sources,
     write_jsonl,
 )
-from .mix import hamilton_counts
 
 STYLES = ("digits", "lower", "symbols", "upper")
 STYLES_TARGET = {"digits": 0.5, "lower": 0.3, "symbols": 0.2, "upper": 0.0}
@@ -126,9 +126,9 @@ def recovery_run(out: Path, design: str, steps: int, seed: int, bilevel: dict | 
     """Write the task under ``out/data``, run ``reweight`` into ``out/run``; returns the summary.
 
     ``bilevel``: keys of the ``bilevel`` config section (alpha, lr_lambda, lambda_optimizer,
-    schedule, geometry, ...) that replace the demo's (llm/demo.py, ``DEMO_BILEVEL``).
+    schedule, geometry, ...) that replace the demo's (llm/tasks/demo.py, ``DEMO_BILEVEL``).
     """
-    from .train import reweight
+    from scalebio.llm.loop.reweight import reweight
 
     writers = {"styles": (write_styles_task, STYLES_TARGET),
                "disjoint": (write_disjoint_task, DISJOINT_TARGET)}

@@ -27,17 +27,16 @@ from tqdm.auto import tqdm
 
 from scalebio import make_simplex
 from scalebio import weights as simplex_weights
-
-from . import outputs
-from .batching import StepSampler
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError
-from .data import load_sources
-from .engine import OptimizerSpec
-from .lisa import LisaConfig, active_blocks_for, find_decoder_blocks
-from .model import copy_model, load_model
-from .step import Combine, bilevel_step
-from .tokenizer import load_tokenizer
+from scalebio.llm import outputs
+from scalebio.llm.config import Config, ConfigError
+from scalebio.llm.data.batching import StepSampler
+from scalebio.llm.data.sources import load_sources
+from scalebio.llm.data.tokenizer import load_tokenizer
+from scalebio.llm.engines.engine import OptimizerSpec
+from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for, find_decoder_blocks
+from scalebio.llm.loop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scalebio.llm.loop.step import Combine, bilevel_step
+from scalebio.llm.model import copy_model, load_model
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -85,14 +84,14 @@ def start_run(cfg: Config, out: Path, resume: bool, overwrite: bool):
 def build_engine(cfg: Config, model, opt: OptimizerSpec, lisa: LisaConfig | None):
     e = cfg.engine
     if e.kind in ("single", "ddp"):
-        from .engine_torch import build_single_engine
+        from scalebio.llm.engines.torch_ddp import build_single_engine
 
         return build_single_engine(model, opt, lisa, ddp=e.kind == "ddp")
     if e.kind == "fsdp2":
-        from .engine_fsdp2 import build_fsdp2_engine
+        from scalebio.llm.engines.fsdp2 import build_fsdp2_engine
 
         return build_fsdp2_engine(model, opt, lisa, bf16=e.bf16)
-    from .engine_deepspeed import build_deepspeed_engine
+    from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine
 
     return build_deepspeed_engine(
         model, opt, lisa, zero_stage=e.zero_stage, offload=e.offload, bf16=e.bf16

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .data import IGNORE_INDEX, SourceData
+from scalebio.llm.data.sources import IGNORE_INDEX, SourceData
 
 MODES = ("stratified", "uniform")
 

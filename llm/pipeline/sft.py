@@ -34,16 +34,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import outputs
-from .batching import StepSampler
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config
-from .data import DataError, SourceSpec, load_sources
-from .engine import OptimizerSpec
-from .lisa import active_blocks_for
-from .losses import per_example_loss
-from .model import load_model
-from .train import build_engine, lisa_from_config, lr_shape, start_run
+from scalebio.llm import outputs
+from scalebio.llm.config import Config
+from scalebio.llm.data.batching import StepSampler
+from scalebio.llm.data.sources import DataError, SourceSpec, load_sources
+from scalebio.llm.engines.engine import OptimizerSpec
+from scalebio.llm.engines.lisa import active_blocks_for
+from scalebio.llm.loop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scalebio.llm.loop.losses import per_example_loss
+from scalebio.llm.loop.reweight import build_engine, lisa_from_config, lr_shape, start_run
+from scalebio.llm.model import load_model
 
 TRAJECTORY_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds")
 MIXTURE_FILE = "mixture.jsonl"  # what `scalebio mix` writes into its output folder

@@ -1,4 +1,4 @@
-"""The folder ``scalebio mix`` writes (llm/mix.py), and its ready-to-paste trainer configs.
+"""The folder ``scalebio mix`` writes (llm/pipeline/mix.py), and its ready-to-paste trainer configs.
 
 The folder is built beside ``out`` and renamed into place, so a reader sees all of it or none.
 Snippets: each trainer (TRL, LlamaFactory, axolotl) gets the produced ``mixture.jsonl`` (exactly
@@ -21,7 +21,7 @@ from pprint import pformat
 
 import yaml
 
-from .data import SourceSpec
+from scalebio.llm.data.sources import SourceSpec
 
 __all__ = ["held_out_file", "publish", "render_snippets", "sha256_of", "write_mixture"]
 
@@ -79,7 +79,7 @@ train_dataset = load_dataset("json", data_files=MIXTURE, split="train").remove_c
 
 def interleaved(seed={manifest["seed"]}, stopping_strategy="all_exhausted"):
     """The sources as "messages" rows, drawn with PROBABILITIES."""
-    from scalebio.llm.conversations import to_messages
+    from scalebio.llm.data.conversations import to_messages
 
     parts = []
     for name, loader, path, fmt in SOURCES:

@@ -1,4 +1,4 @@
-"""Multi-source SFT data: read each source, tokenise it (llm/conversations.py), cache it.
+"""Multi-source SFT data: read each source, tokenise it (llm/data/conversations.py), cache it.
 
 A *source* is one file (``.jsonl``; ``.json``: a list of records or JSON Lines; ``.parquet``) or
 one ``datasets`` save_to_disk folder, named by a :class:`SourceSpec` with a format of
@@ -27,7 +27,13 @@ from typing import Any, NamedTuple
 import datasets
 from datasets import Dataset
 
-from .conversations import FORMATS, IGNORE_INDEX, DataError, to_messages, tokenise_batch
+from scalebio.llm.data.conversations import (
+    FORMATS,
+    IGNORE_INDEX,
+    DataError,
+    to_messages,
+    tokenise_batch,
+)
 
 __all__ = ["FORMATS", "IGNORE_INDEX", "PIPELINE_VERSION", "DataError", "SourceData", "SourceSpec",
            "load_sources", "tokenizer_fingerprint"]
@@ -181,7 +187,7 @@ def _load_one(spec: SourceSpec, tokenizer: Any, tok_key: str, max_length: int,
         os.replace(tmp, meta)  # atomic: a reader sees the whole sidecar or none
         if info["inexact_boundaries"]:
             log.warning("source %r: %d response boundaries fall inside a token "
-                        "(llm/conversations.py)", spec.name, info["inexact_boundaries"])
+                        "(llm/data/conversations.py)", spec.name, info["inexact_boundaries"])
     if len(ds) == 0:
         raise DataError(
             f"{path}: source {spec.name!r} has no usable example: all {info['records']} records "

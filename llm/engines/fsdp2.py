@@ -28,14 +28,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from .engine import (
+from scalebio.llm.engines.engine import (
     LisaOptimizer,
     OptimizerSpec,
     clip_grad_norm,
     engine_state,
     load_engine_state,
 )
-from .lisa import LisaConfig, find_decoder_blocks, lisa_layout
+from scalebio.llm.engines.lisa import LisaConfig, find_decoder_blocks, lisa_layout
 
 
 class Fsdp2Engine:

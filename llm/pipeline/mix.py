@@ -16,13 +16,15 @@ records is sampled without replacement. A short source follows ``when_short``:
   logged and the manifest lists the shortfall. Asking for more rows than all sources hold together
   is refused, since no allocation could reach N without repetition.
 
-Records are counted and validated as ``reweight`` reads them (llm/data.py, llm/conversations.py),
+Records are counted and validated as ``reweight`` reads them (llm/data/sources.py,
+llm/data/conversations.py),
 before tokenisation: examples that ``reweight`` would drop after truncation are still counted here.
 Rows are shuffled with a Generator seeded by the seed alone, so a sequential reader sees a mixture.
 
 Outputs (written to a temporary folder beside ``out``, then renamed into place): ``mixture.jsonl``
 (``{"messages": [...], "source": name}`` per line), ``dataset/`` (the same rows, ``save_to_disk``),
-``manifest.json``, ``snippets/`` (llm/mix_outputs.py) and ``held_out/``: per source, the records
+``manifest.json``, ``snippets/`` (llm/pipeline/mix_outputs.py) and ``held_out/``: per source,
+the records
 the mixture did not draw (``{"messages": [...]}`` per line, file order), which ``scalebio evaluate
 --held-out`` scores. Same inputs and seed: same bytes.
 """
@@ -42,9 +44,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
-from .conversations import DataError, to_messages
-from .data import SourceSpec, _read_records  # the exact reader `reweight` uses
-from .mix_outputs import sha256_of, write_mixture
+from scalebio.llm.data.conversations import DataError, to_messages
+from scalebio.llm.data.sources import SourceSpec, _read_records  # the exact reader `reweight` uses
+from scalebio.llm.pipeline.mix_outputs import sha256_of, write_mixture
 
 __all__ = ["ROUNDING_RULE", "WEIGHT_SUM_TOL", "WHEN_SHORT", "MixError", "hamilton_counts",
            "mix", "read_weights", "sources_from_config"]

@@ -1,4 +1,4 @@
-"""One ScaleBiO step of the LLM loop (steps 2–4 of ``scalebio.llm.train``'s docstring).
+"""One ScaleBiO step of the LLM loop (steps 2–4 of ``scalebio.llm.loop.reweight``'s docstring).
 
 Kept apart from the loop so that benchmarks and parity tests run exactly this code, and so that
 it imports neither ``datasets`` nor the engines.
@@ -11,8 +11,7 @@ import torch.distributed as dist
 
 from scalebio import penalty_surrogate, weighted_sum
 from scalebio import weights as simplex_weights
-
-from .losses import per_example_loss, source_partial_sums, val_partial_sum
+from scalebio.llm.loop.losses import per_example_loss, source_partial_sums, val_partial_sum
 
 
 def _forward_losses(model, mb: dict, device) -> torch.Tensor:
