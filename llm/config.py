@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from scalebio.llm.data.sources import SourceSpec
+from scalebio.llm.engines.lisa import LisaConfig
 
 
 class ConfigError(ValueError):
@@ -27,43 +29,94 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+ARCHITECTURES = Path(__file__).resolve().parent / "configs" / "architectures"
+
+
+def architecture_names() -> list[str]:
+    """Names of the bundled model architectures (``model.architecture``)."""
+    return sorted(p.stem for p in ARCHITECTURES.glob("*.json"))
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     path: str | None = None  # local folder of an AutoModelForCausalLM (no downloads)
     config: dict | None = None  # or a config dict to build a randomly initialised model
     tokenizer: str | None = None  # "char", a local folder, or None = the model's folder
-    dtype: str = "float32"  # float32 | bfloat16 (θ and its optimizer stay float32)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (θ and its optimizer stay float32)
     trust_remote_code: bool = False
+    # recompute each block's activations in backward (non-reentrant): less memory, ~1 more forward
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn)
+    # a bundled architecture (llm/configs/architectures/<name>.json): what `scalebio plan` builds
+    # when model.path has no config.json (e.g. before the weights are downloaded)
+    architecture: str | None = None
 
     def __post_init__(self):
+        if self.architecture is not None:
+            known = architecture_names()
+            _check(self.architecture in known, "model.architecture",
+                   f"unknown architecture {self.architecture!r}; bundled: {', '.join(known)}")
+            _check(self.path is not None, "model.architecture",
+                   "names the architecture of model.path (a model.config needs none)")
         _check(
             (self.path is None) != (self.config is None),
             "model",
             "give exactly one of model.path and model.config",
         )
         _check(
-            self.dtype in ("float32", "bfloat16", "float64"),
+            self.dtype in ("float32", "bfloat16", "float16"),  # what the model loader takes
             "model.dtype",
-            f"expected float32, bfloat16 or float64, got {self.dtype!r}",
+            f"expected float32, bfloat16 or float16, got {self.dtype!r}",
         )
         _check(
             self.path is not None or self.tokenizer is not None,
             "model.tokenizer",
             "a model built from a config needs a tokenizer ('char' or a local folder)",
         )
+        _check(
+            isinstance(self.gradient_checkpointing, bool),
+            "model.gradient_checkpointing",
+            f"expected true or false, got {self.gradient_checkpointing!r}",
+        )
+        _check(
+            self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+            "model.attn_implementation",
+            f"expected sdpa, eager or flash_attention_2, got {self.attn_implementation!r}",
+        )
+        _check(
+            self.attn_implementation != "flash_attention_2"
+            or importlib.util.find_spec("flash_attn") is not None,
+            "model.attn_implementation",
+            "flash_attention_2 needs the flash-attn package, which is not installed "
+            "(pip install flash-attn, on a CUDA machine), or use sdpa",
+        )
 
 
 @dataclass(frozen=True)
 class DataArgs:
+    """Data and the batch of one step.
+
+    Batch vocabulary (``scalebio.llm.data.batching``): the global training batch B (stratified:
+    ``per_source`` × K sources; uniform: ``global_batch``) and ``val_batch`` are over all ranks;
+    ``micro_batch_size`` is the number of sequences one rank forwards at once; the accumulation
+    steps A follow from B = micro_batch_size × A × world size, and each rank forwards
+    ``val_batch`` / (A × world size) validation sequences with each training micro-batch. Every
+    division must be exact; what can be checked without the world size is checked here, the rest
+    by :meth:`batch_shape` (at launch, and by ``scalebio plan``).
+    """
+
     sources: tuple = ()  # [{name, path, format}, ...]
     validation: tuple = ()  # [{path, format}, ...] (name optional)
     max_length: int = 512
     cache_dir: str | None = None  # Arrow caches of tokenised data; default: <out>/cache
+    num_proc: int | None = None  # tokenising processes; None: min(4, cores) (checked at load)
     batch_mode: str = "stratified"  # stratified (fixed quota per source) | uniform (pooled, paper)
-    per_source: int = 4  # stratified: examples per source per step
-    global_batch: int = 64  # uniform: examples per step
-    val_batch: int = 16  # validation examples per step
-    micro_batches: int = 1  # gradient accumulation: micro-batches per step (over all ranks)
+    per_source: int = 4  # stratified: examples per source per step (B = per_source × K)
+    global_batch: int = 64  # uniform: examples per step, over all ranks (B)
+    val_batch: int = 16  # validation examples per step, over all ranks
+    micro_batch_size: int | None = None  # sequences per forward per rank; None: A = 1
+    world_size: int | None = None  # ranks the batch is laid out for; None: any that divides
+    micro_batches: int | None = None  # older per-rank count of micro-batches (not with the above)
 
     def __post_init__(self):
         _check(len(self.sources) > 0, "data.sources", "list at least one training source")
@@ -73,11 +126,69 @@ class DataArgs:
             "data.batch_mode",
             f"expected stratified or uniform, got {self.batch_mode!r}",
         )
-        for k in ("max_length", "per_source", "global_batch", "val_batch", "micro_batches"):
+        for k in ("max_length", "per_source", "global_batch", "val_batch", "micro_batch_size",
+                  "world_size", "micro_batches"):
             v = getattr(self, k)
             _check(
-                isinstance(v, int) and v >= 1, f"data.{k}", f"need a positive integer, got {v!r}"
+                v is None and k in ("micro_batch_size", "world_size", "micro_batches")
+                or isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                f"data.{k}", f"need a positive integer, got {v!r}",
             )
+        _check(self.max_length >= 2, "data.max_length",  # one prompt token, one target
+               f"need at least 2 tokens, got {self.max_length!r}")
+        _check(self.num_proc is None or self.num_proc >= 1, "data.num_proc",
+               f"need a positive integer or null, got {self.num_proc!r}")
+        _check(self.micro_batch_size is None or self.micro_batches is None, "data.micro_batches",
+               "the older per-rank count of micro-batches; give data.micro_batch_size instead "
+               "(not both)")
+        if self.world_size is not None:
+            self.batch_shape(self.world_size)
+        elif self.micro_batch_size is not None:  # the divisions that need no world size: A = 1
+            self.batch_shape(max(1, self.train_batch // self.micro_batch_size))
+
+    def train_batch_for(self, mode: str | None = None) -> int:
+        """B, the global training batch of ``mode`` (default ``batch_mode``)."""
+        mode = self.batch_mode if mode is None else mode
+        return self.per_source * len(self.sources) if mode == "stratified" else self.global_batch
+
+    @property
+    def train_batch(self) -> int:
+        """B, the global training batch of ``batch_mode``."""
+        return self.train_batch_for()
+
+    def batch_shape(self, world_size: int | None = None, mode: str | None = None):
+        """The split over ``world_size`` ranks (default ``data.world_size``, else 1) as a
+        :class:`~scalebio.llm.data.batching.BatchShape`; ``ConfigError`` naming the fields and
+        the arithmetic when it does not divide, or when ``data.world_size`` says otherwise."""
+        from scalebio.llm.data.batching import batch_shape
+
+        if world_size is None:
+            world_size = self.world_size or 1
+        if self.world_size is not None and world_size != self.world_size:
+            raise ConfigError(
+                f"data.world_size: the batch is laid out for {self.world_size} ranks but "
+                f"{world_size} were launched; pass --data.world_size {world_size} to keep the "
+                f"global batch and recompute the accumulation steps")
+        mode = self.batch_mode if mode is None else mode
+        b = self.train_batch_for(mode)
+        train = (f"training batch (data.per_source {self.per_source} × {len(self.sources)} "
+                 "sources)" if mode == "stratified" else "training batch (data.global_batch)")
+        labels = {"train": train, "val": "data.val_batch", "mbs": "data.micro_batch_size",
+                  "micro": "data.micro_batches",
+                  "world": "world size" if self.world_size is None else "data.world_size"}
+        try:
+            return batch_shape(b, self.val_batch, world_size, self.micro_batch_size,
+                               self.micro_batches, labels=labels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def split_args(self, world_size: int, mode: str | None = None) -> dict:
+        """StepSampler's split keywords for ``world_size`` ranks, after :meth:`batch_shape`'s
+        checks: ``StepSampler(..., **cfg.data.split_args(world, mode))``."""
+        self.batch_shape(world_size, mode)
+        if self.micro_batches is not None:
+            return {"micro_batches": self.micro_batches}
+        return {"micro_batch_size": self.micro_batch_size}
 
     def source_specs(self) -> list[SourceSpec]:
         return [_spec(s, f"data.sources[{i}]", None) for i, s in enumerate(self.sources)]
@@ -95,10 +206,15 @@ def _spec(entry, key: str, default_name: str | None) -> SourceSpec:
     _check(not unknown, key, f"unknown field(s) {sorted(unknown)}")
     name = entry.get("name", default_name)
     _check(name is not None, f"{key}.name", "every training source needs a name")
-    _check("path" in entry, f"{key}.path", "missing")
-    return SourceSpec(
-        name=str(name), path=str(entry["path"]), format=str(entry.get("format", "alpaca"))
-    )
+    _check(str(name).strip() != "", f"{key}.name", f"a non-empty name is required, got {name!r}")
+    _check(isinstance(entry.get("path"), str) and entry["path"] != "", f"{key}.path",
+           f"a file or folder path is required, got {entry.get('path')!r}")
+    try:
+        return SourceSpec(
+            name=str(name), path=str(entry["path"]), format=str(entry.get("format", "alpaca"))
+        )
+    except ValueError as e:  # SourceSpec's own checks (the format)
+        raise ConfigError(f"{key}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -158,27 +274,17 @@ class BilevelArgs:
 
 
 @dataclass(frozen=True)
-class LisaArgs:
-    enabled: bool = False
-    n_active: int = 2
-    period: int = 20
-    train_embeddings: bool = True
-    train_head: bool = True
-    joint: bool = False  # u and w train the same blocks (lower variance of ℓ̄(w) − ℓ̄(u))
-
-    def __post_init__(self):
-        _check(self.n_active >= 1, "lisa.n_active", "need ≥ 1 active block")
-        _check(self.period >= 1, "lisa.period", "need ≥ 1 step between draws")
-
-
-@dataclass(frozen=True)
 class EngineArgs:
     kind: str = "single"  # single | ddp | fsdp2 | deepspeed
     zero_stage: int = 2
     offload: bool = False
     bf16: bool = False
+    # sum a step's micro-batch gradients of bf16 weights in fp32 (docs/engines.md, "Precision")
+    fp32_grad_accum: bool = True
 
     def __post_init__(self):
+        _check(isinstance(self.fp32_grad_accum, bool), "engine.fp32_grad_accum",
+               f"expected true or false, got {self.fp32_grad_accum!r}")
         _check(
             self.kind in ("single", "ddp", "fsdp2", "deepspeed"),
             "engine.kind",
@@ -201,8 +307,51 @@ class RunArgs:
             "run.tracker",
             "tensorboard, wandb or none",
         )
+        _check(0 <= self.seed < 2**63, "run.seed", f"need an integer in [0, 2^63), got {self.seed}")
+        _check(self.threads is None or self.threads >= 1, "run.threads",
+               f"need a positive integer or null, got {self.threads!r}")
         _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be ≥ 0")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be ≥ 1")
+
+
+def _check_source_maps(b: BilevelArgs, names: list[str]) -> None:
+    """prior/floor/cap/fixed: keys are source names, values finite numbers (prior > 0), and the
+    simplex they define is feasible (the core's own check, with the key in the message)."""
+    import math
+
+    from scalebio import make_simplex
+
+    vectors = {}
+    for key in ("prior", "floor", "cap", "fixed"):
+        table = getattr(b, key)
+        if table is None:
+            continue
+        unknown = sorted(set(table) - set(names))
+        _check(not unknown, f"bilevel.{key}",
+               f"unknown source name(s) {unknown}; sources are {names}")
+        for n, v in table.items():
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            _check(ok and (v > 0 if key == "prior" else v >= 0), f"bilevel.{key}.{n}",
+                   f"need a finite number {'> 0' if key == 'prior' else '>= 0'}, got {v!r}")
+        vectors[key] = {names.index(n): float(v) for n, v in table.items()}
+    if not vectors:
+        return
+    missing = [n for i, n in enumerate(names) if "prior" in vectors and i not in vectors["prior"]]
+    _check(not missing, "bilevel.prior", f"give a value for every source; missing {missing}")
+
+    def full(key, default):
+        return None if key not in vectors else [vectors[key].get(i, default)
+                                                for i in range(len(names))]
+
+    try:
+        make_simplex(len(names), geometry=b.geometry, prior=full("prior", None),
+                     floor=full("floor", 0.0), cap=full("cap", 1.0), fixed=vectors.get("fixed"))
+    except ValueError as e:
+        raise ConfigError(f"bilevel: {e}") from None
+
+
+# LISA is opt-in in a run config: a `lisa` section without `enabled: true` leaves it off.
+_SECTION_DEFAULTS = {"lisa": {"enabled": False}}
 
 
 @dataclass(frozen=True)
@@ -210,17 +359,27 @@ class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     bilevel: BilevelArgs = field(default_factory=BilevelArgs)
-    lisa: LisaArgs = field(default_factory=LisaArgs)
+    lisa: LisaConfig = field(default_factory=lambda: LisaConfig(**_SECTION_DEFAULTS["lisa"]))
     engine: EngineArgs = field(default_factory=EngineArgs)
     run: RunArgs = field(default_factory=RunArgs)
 
+    def __post_init__(self):
+        """Checks across sections, before any file is read: every source entry, unique names,
+        and the per-source maps of ``bilevel`` (names, values, feasibility)."""
+        names: dict[str, str] = {}
+        for i, spec in enumerate(self.data.source_specs()):
+            _check(spec.name not in names, f"data.sources[{i}].name",
+                   f"duplicate source name {spec.name!r} (also {names.get(spec.name)})")
+            names[spec.name] = f"data.sources[{i}]"
+        self.data.validation_specs()
+        _check_source_maps(self.bilevel, list(names))
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
 _SECTION_TYPES = {
     "model": ModelArgs,
     "data": DataArgs,
     "bilevel": BilevelArgs,
-    "lisa": LisaArgs,
+    "lisa": LisaConfig,
     "engine": EngineArgs,
     "run": RunArgs,
 }
@@ -232,26 +391,81 @@ def _unknown(key: str, options) -> ConfigError:
     return ConfigError(f"{key}: unknown key{hint}")
 
 
-def _coerce(value, tp, key: str):
-    """Parse a string into the field's type: numbers by Python's rules (YAML 1.1 reads ``1e-3``
-    as a string), everything else with YAML syntax (true, null, [..], {..})."""
-    if not isinstance(value, str):
-        return value
-    names = str(tp)
-    if "float" in names or "int" in names:
+_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             dict: "a mapping", tuple: "a list", list: "a list"}
+
+
+def _kinds(tp) -> tuple[list, bool]:
+    """The types a field hint allows (``int | None`` -> ([int], True))."""
+    args = typing.get_args(tp) or (tp,)
+    return [a for a in args if a is not type(None)], type(None) in args
+
+
+def _from_text(text: str, kinds: list, optional: bool, bad):
+    """A command-line (or YAML-quoted) string parsed into one of ``kinds``."""
+    word = text.strip().lower()
+    if optional and word in ("null", "none", "~", ""):
+        return None
+    if bool in kinds:
+        if word not in _BOOLEANS:
+            raise bad()
+        return _BOOLEANS[word]
+    if int in kinds or float in kinds:
         try:
-            number = float(value)
+            return float(text)  # YAML 1.1 reads 1e-3 as a string
         except ValueError:
-            pass
-        else:
-            if "int" in names and "float" not in names:
-                if not number.is_integer():
-                    raise ConfigError(f"{key}: expected an integer, got {value!r}")
-                return int(number)
-            return number
-    if names in ("str", "<class 'str'>") or names.startswith("str"):
-        return value
-    return yaml.safe_load(value) if value != "" else None
+            raise bad() from None
+    if set(kinds) & {dict, tuple, list}:
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise bad(f"not valid YAML ({' '.join(str(e).split())})") from None
+    return text
+
+
+def _coerce(value, tp, key: str):
+    """``value`` as the field's type, or a ConfigError naming the key, the type and the value.
+
+    Strict: booleans are only true/false (and YAML's yes/no/on/off), numbers only numbers (a
+    string such as ``"1e-3"`` is parsed, ``"ten"`` or ``true`` is refused), integers only
+    integral numbers; strings are parsed with YAML syntax for lists and mappings.
+    """
+    kinds, optional = _kinds(tp)
+    want = " or ".join(_EXPECTED.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+    want += " or null" if optional else ""
+
+    def bad(why: str | None = None) -> ConfigError:
+        return ConfigError(f"{key}: {why or 'expected ' + want}, got {value!r}")
+
+    if isinstance(value, str) and str not in kinds:
+        value = _from_text(value, kinds, optional, bad)
+    if value is None:
+        if optional or not kinds:
+            return None
+        raise bad()
+    if bool in kinds:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if isinstance(value, bool) and kinds:  # YAML true is never a number, string or list
+        raise bad()
+    if int in kinds and float not in kinds:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if float in kinds:
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise bad()
+    for kind, ok in ((str, (str,)), (dict, (dict,)), (tuple, (list, tuple)), (list, (list, tuple))):
+        if kind in kinds:
+            if isinstance(value, ok):
+                return value
+            raise bad()
+    return value
 
 
 def _typed(cls, value: dict, section: str) -> dict:
@@ -279,8 +493,10 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
             for k, v in _typed(cls, value, name).items()
         }
         try:
-            sections[name] = cls(**value)
-        except TypeError as e:
+            sections[name] = cls(**{**_SECTION_DEFAULTS.get(name, {}), **value})
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:  # a missing field, or LisaConfig's own checks
             raise ConfigError(f"{source}: section {name}: {e}") from None
     try:
         return Config(**sections)
@@ -302,7 +518,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         types = typing.get_type_hints(_SECTION_TYPES[section])
         if key not in types:
             raise _unknown(f"{section}.{key}", types)
-        out.setdefault(section, {})[key] = _coerce(value, types[key], f"{section}.{key}")
+        if not isinstance(out.setdefault(section, {}), dict):
+            raise ConfigError(f"{section}: expected a mapping, got {out[section]!r}")
+        out[section][key] = _coerce(value, types[key], f"{section}.{key}")
     return out
 
 
@@ -312,14 +530,71 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[C
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML/JSON: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML/JSON: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, "
+                          f"bilevel, ...), got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     base = p.parent
-    for s in list(raw.get("data", {}).get("sources", [])) + list(
-        raw.get("data", {}).get("validation", [])
-    ):
-        if isinstance(s, dict) and "path" in s and not Path(s["path"]).is_absolute():
+    data = raw.get("data")
+    entries = []
+    for key in ("sources", "validation"):
+        if isinstance(data, dict) and isinstance(data.get(key), list):
+            entries += data[key]
+    for s in entries:
+        if isinstance(s, dict) and isinstance(s.get("path"), str) \
+                and not Path(s["path"]).is_absolute():
             s["path"] = str((base / s["path"]).resolve())  # paths are relative to the config file
     return config_from_dict(raw, str(p)), raw
+
+
+# ---------------------------------------------------------------- `scalebio baseline` options
+BASELINE_METHODS = ("uniform", "size", "doremi", "rho", "less")
+SCORE_RULES = ("softmax", "positive")  # how RHO and LESS scores become weights
+
+
+def _flag(default, help: str, **argparse_kw):
+    """A field that is also a ``scalebio baseline`` flag (``--proj-dim`` for ``proj_dim``)."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+@dataclass(frozen=True)
+class BaselineArgs:
+    """Hyperparameters of the baseline methods; the CLI's flags are made from these fields."""
+
+    steps: int | None = _flag(None, "steps of every model a method trains (default bilevel.steps)")
+    lr: float | None = _flag(None, "AdamW learning rate of those models (default bilevel.lr_u)")
+    eta: float = _flag(1.0, "DoReMi's exponentiated-gradient step size")
+    smoothing: float = _flag(1e-3, "DoReMi's mixing c with the uniform weights")
+    rule: str = _flag("softmax", "rho/less: softmax(score/T), or proportional to the positive "
+                      "part of the scores", choices=SCORE_RULES)
+    temperature: float = _flag(1.0, "T of --rule softmax")
+    proj_dim: int = _flag(64, "LESS projection dimension")
+    top_p: float | None = _flag(None, "LESS: also write selected.json with the top fraction of "
+                                "examples")
+    max_examples: int = _flag(256, "rho/less: examples scored per source and of validation "
+                              "(the first ones)")
+    eval_batch: int = _flag(16, "examples per forward pass when scoring")
+
+    def __post_init__(self):
+        def check(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"baseline --{key.replace('_', '-')}: {msg}")
+
+        check(self.steps is None or self.steps >= 1, "steps", f"need ≥ 1, got {self.steps!r}")
+        check(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
+        check(self.eta > 0, "eta", f"must be > 0, got {self.eta!r}")
+        check(0 <= self.smoothing <= 1, "smoothing", f"must lie in [0, 1], got {self.smoothing!r}")
+        check(self.rule in SCORE_RULES, "rule", f"expected one of {SCORE_RULES}, got {self.rule!r}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature!r}")
+        check(self.proj_dim >= 1, "proj_dim", f"need ≥ 1, got {self.proj_dim!r}")
+        check(self.top_p is None or 0 < self.top_p <= 1, "top_p",
+              f"must lie in (0, 1], got {self.top_p!r}")
+        check(self.max_examples >= 1, "max_examples", f"need ≥ 1, got {self.max_examples!r}")
+        check(self.eval_batch >= 1, "eval_batch", f"need ≥ 1, got {self.eval_batch!r}")

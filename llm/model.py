@@ -10,6 +10,7 @@ the same ``seed`` gives the same weights and the caller's global RNG stream is l
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -58,6 +59,7 @@ def load_model(
     trust_remote_code: bool = False,
     seed: int = 0,
     attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> PreTrainedModel:
     """Load an ``AutoModelForCausalLM`` from a local folder, or build a fresh one from a config.
 
@@ -72,19 +74,29 @@ def load_model(
         dtype: parameter dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         trust_remote_code: allow a checkpoint's own modelling code; off unless asked for.
         seed: seed of the weight init.
-        attn_implementation: e.g. ``"eager"`` or ``"sdpa"``; ``None`` keeps the HF default.
+        attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (needs the
+            flash-attn package); ``None`` keeps the HF default.
+        gradient_checkpointing: recompute each decoder block's activations during backward
+            instead of keeping them (HF's gradient checkpointing, non-reentrant: see
+            :func:`enable_gradient_checkpointing`).
 
     Returns:
         The model, in training mode, on the CPU.
 
     Raises:
         ValueError: both or neither of ``path``/``config``; ``config`` without a known
-            ``model_type``; a model type with no causal-LM head; a bad ``dtype``.
+            ``model_type``; a model type with no causal-LM head; a bad ``dtype``;
+            ``attn_implementation="flash_attention_2"`` without the flash-attn package.
         FileNotFoundError: ``path`` is not a folder or has no ``config.json``.
     """
     if (path is None) == (config is None):
         raise ValueError("give exactly one of path (a local model folder) and config (a dict)")
     torch_dtype = resolve_dtype(dtype)
+    if attn_implementation == "flash_attention_2" and not _flash_attn_installed():
+        raise ValueError(
+            "attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
+            "installed; use 'sdpa'"
+        )
     extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -92,8 +104,40 @@ def load_model(
             model = _from_folder(path, torch_dtype, trust_remote_code, extra)
         else:
             model = _from_config(config, torch_dtype, trust_remote_code, extra)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     return model
+
+
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder block's activations in backward (one extra forward per backward).
+
+    Non-reentrant (``use_reentrant=False``) on purpose: the reentrant variant gives no gradient to
+    a block's parameters when the block's *input* does not require grad, which is exactly the case
+    under LISA with frozen embeddings and frozen lower blocks; the non-reentrant one follows the
+    parameters' ``requires_grad``, so LISA may flip it between steps. HF also hooks the input
+    embeddings to make their output require grad (a workaround for the reentrant variant and for
+    adapters); that hook is removed here, since with frozen embeddings it would make every backward
+    run down through the frozen lower blocks for nothing.
+
+    Raises:
+        ValueError: if the model family has no gradient-checkpointing support in transformers.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing: {type(model).__name__} does not support it in transformers"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
 
 
 def _from_folder(path: str, dtype: torch.dtype, trust_remote_code: bool, extra: dict):

@@ -6,11 +6,13 @@ import csv
 import io
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
-TRAJECTORY_FIELDS = (
+from scalebio.llm import run_folder
+from scalebio.llm.run_folder import OutputError
+
+TRAJECTORY_FIELDS = (  # reweight's trajectory.csv, then weight/, loss_w/, loss_u/ per source
     "step",
     "alpha",
     "lr_scale",
@@ -25,36 +27,38 @@ TRAJECTORY_FIELDS = (
 )
 
 
-class OutputError(RuntimeError):
-    """The output folder cannot be used as asked (exists, not resumable, …)."""
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool, inputs=()) -> None:
+    """Lock and check ``out``; refuse an existing non-empty folder unless ``resume`` or
+    ``overwrite`` (which sets the old contents aside until the new run stands, and is refused
+    when ``out`` holds one of ``inputs``). The contract: :mod:`scalebio.llm.run_folder`."""
+    run_folder.prepare(out, resume, overwrite, inputs)
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an existing non-empty folder unless ``resume`` or ``overwrite`` (then clear it)."""
-    if resume and overwrite:
-        raise OutputError("--resume and --overwrite exclude each other")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    nonempty = out.is_dir() and any(out.iterdir())
-    if resume:
-        if not (out / "checkpoints").is_dir():
-            raise OutputError(f"{out}: --resume given but the folder holds no checkpoints/")
-        return
-    if nonempty and not overwrite:
-        raise OutputError(
-            f"{out}: folder exists and is not empty; pass --resume to continue that run or "
-            "--overwrite to replace it"
-        )
-    if nonempty:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def refuse_deleting_inputs(out: Path, overwrite: bool, inputs, error=OutputError) -> None:
+    """With ``overwrite``, raise ``error`` when an input file or folder lies in (or is) ``out``:
+    clearing ``out`` would delete it."""
+    if overwrite:
+        run_folder.refuse_deleting_inputs(out, inputs, error)
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file (0o666 less the umask); read once,
+    at import, since reading the umask means setting it for a moment."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, then rename over ``path`` (with the
+    mode of an ordinary new file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes the file private (0600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -91,18 +95,20 @@ def write_weights_json(path: Path, names, weights, averaged, extra: dict) -> dic
         **extra,
     }
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    run_folder.commit(path.parent)  # the run's product exists: an old run set aside can go
     return doc
 
 
-def trajectory_csv(rows: list[dict], names) -> str:
+def reweight_fields(names) -> list[str]:
+    """The columns of reweight's trajectory.csv for sources ``names``."""
+    per_source = [f"{kind}/{n}" for kind in ("weight", "loss_w", "loss_u") for n in names]
+    return list(TRAJECTORY_FIELDS) + per_source
+
+
+def trajectory_csv(rows: list[dict], fields) -> str:
+    """CSV text of ``rows`` in the columns ``fields`` (other keys dropped, floats to 9 digits)."""
     buf = io.StringIO()
-    fields = (
-        list(TRAJECTORY_FIELDS)
-        + [f"weight/{n}" for n in names]
-        + [f"loss_w/{n}" for n in names]
-        + [f"loss_u/{n}" for n in names]
-    )
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in r.items()})

@@ -57,11 +57,18 @@ def _baseline(argv: list[str]) -> int:
     return baseline_main(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    from scalebio.llm.cli import plan_main
+
+    return plan_main(argv)
+
+
 COMMANDS = {
     "baseline": (_baseline, "mixture weights by uniform, size, DoReMi, RHO-LOSS or LESS"),
     "compare": (_compare, "ScaleBiO vs the baselines: weights, mix, sft, evaluate over seeds"),
     "demo": (_demo, "learn weights on a built-in task with known answers (no download)"),
     "mix": (_mix, "draw a training mixture of N examples from learned weights"),
+    "plan": (_plan, "check a config and predict per-GPU memory before loading weights"),
     "reweight": (_reweight, "learn mixture weights over the sources of a config"),
     "sft": (_sft, "fine-tune a model on a mixture (scalebio mix output)"),
     "evaluate": (_evaluate, "loss per source and answer accuracy of a fine-tuned model"),

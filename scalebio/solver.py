@@ -30,7 +30,7 @@ def sgd(lr: float, momentum: float = 0.0) -> OptimizerFactory:
 
 
 def adamw(lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-    """Factory for ``torch.optim.AdamW`` (weight decay 0 by default; see method.md quirk 8)."""
+    """Factory for ``torch.optim.AdamW`` (weight decay 0 by default; docs/method.md, pitfall 8)."""
     return functools.partial(
         torch.optim.AdamW, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
     )
@@ -48,7 +48,7 @@ class ScaleBiOConfig:
       alpha_schedule: α_t and the learning-rate factor α₀/α_t (see ``scalebio.schedules``).
       clip_x, clip_y, clip_z: max ℓ2 norm of each direction, None for no clipping.
       x_warmup_steps: steps during which only y and z move. The x step is skipped entirely
-        rather than taken from half the gradient (method.md quirk 10).
+        rather than taken from half the gradient (docs/method.md, pitfall 10).
     """
 
     alpha: float = 10.0

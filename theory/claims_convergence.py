@@ -1,6 +1,6 @@
 """Claim: ScaleBiO's iterates satisfy a non-asymptotic stationarity bound on ‖∇Φ‖.
 
-Rates the method is claimed to match (method.md §4.1; the paper's theorem text was not
+Rates the method is claimed to match (the paper's theorem text was not
 recoverable): F2SA (Kwon et al., ICML 2023) reaches E‖∇Φ‖ ≤ ε in O(ε^{-7/2}) iterations when both
 levels are stochastic, O(ε^{-5/2}) when only the upper level is, and O(ε^{-3/2}) in the
 deterministic case, with α growing over time and step sizes ∝ 1/α. Those are asymptotic orders with

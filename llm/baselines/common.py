@@ -1,18 +1,17 @@
-"""Shared pieces of the mixture baselines: hyperparameters, data/model set-up, a weighted training
-loop, per-example losses and the weights.json writer.
+"""Shared pieces of the mixture baselines: the trainer, a weighted training loop, per-example
+losses and the weights.json writer. Their options are :class:`scalebio.llm.config.BaselineArgs`.
 
 Every baseline runs in one process on one device (``engine.kind: single``; a multi-rank engine
 is refused): the baselines are references to compare ScaleBiO's weights against, sized like
-ScaleBiO's own runs. Models train through the same engine as ``reweight`` and ``sft``, so the
-config's ``lisa`` section applies (only the drawn blocks hold optimizer state: a proxy of a
-large model fits where full AdamW would not). Batches come from :class:`StepSampler` with the
-config's ``data`` settings and ``run.seed``.
+ScaleBiO's own runs. Set-up (data, sampler, models, engines, LISA draws) is that of ``reweight``
+and ``sft`` (llm/loop/setup.py), so the config's ``lisa`` section applies (only the drawn blocks
+hold optimizer state: a proxy of a large model fits where full AdamW would not). Batches come from
+the config's ``data`` settings and ``run.seed``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,56 +19,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from scalebio.llm import outputs
-from scalebio.llm.config import Config, ConfigError
+from scalebio.llm.config import SCORE_RULES, Config, ConfigError
 from scalebio.llm.data.batching import StepBatch, StepSampler, collate
-from scalebio.llm.data.sources import SourceData, load_sources
-from scalebio.llm.data.tokenizer import load_tokenizer
+from scalebio.llm.engines.engine import OptimizerSpec
 from scalebio.llm.loop.losses import per_example_loss, source_partial_sums, val_partial_sum
-from scalebio.llm.model import load_model
-
-RULES = ("softmax", "positive")
-
-
-@dataclass(frozen=True)
-class BaselineArgs:
-    """Method hyperparameters (CLI flags of ``scalebio baseline``); None = take it from the config.
-
-    steps: training steps of every model a method trains (default ``bilevel.steps``).
-    lr: AdamW learning rate of those models (default ``bilevel.lr_u``).
-    eta: DoReMi's exponentiated-gradient step size. smoothing: DoReMi's mixing c with uniform.
-    rule/temperature: how RHO and LESS scores become weights (see :func:`scores_to_weights`).
-    proj_dim: LESS projection dimension. top_p: LESS keeps the top fraction of examples (optional).
-    max_examples: examples scored per source (and of validation) by RHO and LESS (first ones).
-    eval_batch: examples per forward pass when scoring.
-    """
-
-    steps: int | None = None
-    lr: float | None = None
-    eta: float = 1.0
-    smoothing: float = 1e-3
-    rule: str = "softmax"
-    temperature: float = 1.0
-    proj_dim: int = 64
-    top_p: float | None = None
-    max_examples: int = 256
-    eval_batch: int = 16
-
-    def __post_init__(self):
-        def check(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"baseline --{key}: {msg}")
-
-        check(self.steps is None or self.steps >= 1, "steps", f"need ≥ 1, got {self.steps!r}")
-        check(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
-        check(self.eta > 0, "eta", f"must be > 0, got {self.eta!r}")
-        check(0 <= self.smoothing <= 1, "smoothing", f"must lie in [0, 1], got {self.smoothing!r}")
-        check(self.rule in RULES, "rule", f"expected one of {RULES}, got {self.rule!r}")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature!r}")
-        check(self.proj_dim >= 1, "proj-dim", f"need ≥ 1, got {self.proj_dim!r}")
-        check(self.top_p is None or 0 < self.top_p <= 1, "top-p", f"must lie in (0, 1], "
-              f"got {self.top_p!r}")
-        check(self.max_examples >= 1, "max-examples", f"need ≥ 1, got {self.max_examples!r}")
-        check(self.eval_batch >= 1, "eval-batch", f"need ≥ 1, got {self.eval_batch!r}")
+from scalebio.llm.loop.setup import LisaDraws, build_engine
 
 
 def scores_to_weights(scores: Tensor, rule: str, temperature: float = 1.0) -> Tensor:
@@ -79,38 +33,14 @@ def scores_to_weights(scores: Tensor, rule: str, temperature: float = 1.0) -> Te
     ``positive``: π_k = max(s_k, 0) / Σ_j max(s_j, 0), and uniform 1/K when no score is positive
     (nothing is preferred, so nothing is up-weighted).
     """
-    if rule not in RULES:
-        raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
+    if rule not in SCORE_RULES:
+        raise ValueError(f"rule: expected one of {SCORE_RULES}, got {rule!r}")
     s = scores.to(torch.float64)
     if rule == "softmax":
         return torch.softmax(s / temperature, dim=0)
     pos = s.clamp_min(0.0)
     total = pos.sum()
     return pos / total if total > 0 else torch.full_like(s, 1.0 / s.numel())
-
-
-def load_data(cfg: Config, out: Path) -> tuple[object, SourceData]:
-    """The config's tokenizer and tokenised sources (cache in ``data.cache_dir`` or out/cache)."""
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    data = load_sources(cfg.data.source_specs(), cfg.data.validation_specs(), tokenizer,
-                        cfg.data.max_length, cfg.data.cache_dir or str(out / "cache"))
-    return tokenizer, data
-
-
-def make_sampler(cfg: Config, data: SourceData, pad_token_id: int) -> StepSampler:
-    stratified = cfg.data.batch_mode == "stratified"
-    return StepSampler(data, cfg.data.batch_mode, val_batch=cfg.data.val_batch,
-                       micro_batches=cfg.data.micro_batches, seed=cfg.run.seed,
-                       pad_token_id=pad_token_id,
-                       per_source=cfg.data.per_source if stratified else None,
-                       global_batch=None if stratified else cfg.data.global_batch)
-
-
-def new_model(cfg: Config, device: torch.device):
-    """A fresh model with the config's init (same ``run.seed`` → same initial weights)."""
-    model = load_model(path=cfg.model.path, config=cfg.model.config, dtype=cfg.model.dtype,
-                       trust_remote_code=cfg.model.trust_remote_code, seed=cfg.run.seed)
-    return model.to(device)
 
 
 def _to(mb: dict, device: torch.device) -> dict:
@@ -129,29 +59,16 @@ def source_losses(model, batch: StepBatch, device: torch.device) -> Tensor:
 
 
 class Trainer:
-    """A model's optimizer: the one-process engine of llm/engines/torch_ddp.py (AdamW, weight
-    decay 0) with the config's LISA draws: those of ``reweight``'s model w, a function of the
-    step."""
+    """A model's optimizer: the one-process engine (AdamW, weight decay 0) with the config's LISA
+    draws, those of ``reweight``'s model w (a function of the step)."""
 
     def __init__(self, cfg: Config, model, lr: float):
-        from scalebio.llm.engines.engine import OptimizerSpec
-        from scalebio.llm.loop.reweight import build_engine, lisa_from_config
-
         if cfg.engine.kind != "single":
             raise ConfigError(f"engine.kind: baselines run in one process; got "
                               f"{cfg.engine.kind!r}, set engine.kind: single")
-        self.lisa, self.num_blocks = lisa_from_config(cfg, model)
-        self.engine = build_engine(cfg, model, OptimizerSpec("adamw", lr, weight_decay=0.0),
-                                   self.lisa)
-        self.lr, self.seed = lr, cfg.run.seed
-
-    def before(self, step: int) -> None:
-        """Re-draw the active blocks at the start of every LISA period."""
-        if self.lisa is not None and step % self.lisa.period == 0:
-            from scalebio.llm.engines.lisa import active_blocks_for
-
-            self.engine.set_active_blocks(
-                active_blocks_for(step, self.seed, self.num_blocks, self.lisa, "w"))
+        self.engine = build_engine(cfg, model, OptimizerSpec("adamw", lr, weight_decay=0.0))
+        self.lisa = LisaDraws(cfg, {"w": self.engine})  # call at the start of every step
+        self.lr = lr
 
     def step(self) -> None:
         self.engine.step(self.lr, None)  # steps and zeroes the gradients
@@ -167,7 +84,7 @@ def train_weighted(trainer: Trainer, sampler: StepSampler, steps: int, device: t
     """
     used = []
     for step in tqdm(range(steps), desc=desc, disable=not progress):
-        trainer.before(step)
+        trainer.lisa(step)
         batch = sampler.batch(step)
         h = source_losses(trainer.engine.module, batch, device)
         pi = mixture(batch, h.detach()).to(device=device, dtype=h.dtype)
@@ -184,7 +101,7 @@ def train_on_validation(trainer: Trainer, sampler: StepSampler, steps: int,
                         device: torch.device, progress: bool = True) -> None:
     """Minimise the validation token-mean loss (RHO-LOSS's reference model)."""
     for step in tqdm(range(steps), desc="reference (validation)", disable=not progress):
-        trainer.before(step)
+        trainer.lisa(step)
         batch = sampler.batch(step)
         loss = torch.zeros((), device=device)
         for mb in batch.val:

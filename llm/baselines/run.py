@@ -10,13 +10,14 @@ import torch
 
 from scalebio.llm import outputs
 from scalebio.llm.baselines import common, doremi, less, rho, static
-from scalebio.llm.config import Config, ConfigError
+from scalebio.llm.config import BASELINE_METHODS, BaselineArgs, Config, ConfigError
+from scalebio.llm.loop.setup import build_sampler, load_data, load_run_model, start_run
 
-METHODS = ("uniform", "size", "doremi", "rho", "less")
+METHODS = BASELINE_METHODS
 MAX_PROJECTION_ENTRIES = 2**28  # LESS's projection factors: 1 GiB of float32 at most
 
 
-def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
+def run_baseline(cfg: Config, method: str, args: BaselineArgs, out: Path,
                  overwrite: bool = False, progress: bool = True,
                  raw_config: dict | None = None) -> dict:
     """Compute one baseline's mixture weights and write them to ``out/weights.json``.
@@ -32,9 +33,7 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    outputs.prepare_out_dir(out, resume=False, overwrite=overwrite)
+    _, _, device = start_run(cfg, out, overwrite=overwrite)
     extra: dict = {"config": raw_config}
     if method == "uniform":
         names = [s.name for s in cfg.data.source_specs()]
@@ -42,7 +41,7 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
             raise ConfigError(f"data.sources: duplicate source names in {names}")
         w = static.uniform_weights(len(names))
         return common.write_result(out, names, w, w, method, extra)
-    tokenizer, data = common.load_data(cfg, out)
+    tokenizer, data = load_data(cfg, out)
     names, pad = data.names, tokenizer.pad_token_id
     extra["dropped_examples"] = dict(data.dropped)
     if method == "size":
@@ -51,14 +50,13 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
         extra["examples"] = dict(zip(names, sizes))
         return common.write_result(out, names, w, w, method, extra)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = args.steps or cfg.bilevel.steps
     lr = args.lr or cfg.bilevel.lr_u
-    sampler = common.make_sampler(cfg, data, pad)
+    sampler = build_sampler(cfg, data, pad)
     k = len(names)
     uniform = static.uniform_weights(k)
     extra.update(steps=steps, lr=lr)
-    trained = common.new_model(cfg, device)  # the uniform-mixture model: DoReMi's reference
+    trained = load_run_model(cfg, device)  # the uniform-mixture model: DoReMi's reference
     head = trained.get_output_embeddings().weight
     if method == "less" and sum(head.shape) * args.proj_dim > MAX_PROJECTION_ENTRIES:
         raise ConfigError(f"baseline --proj-dim: projection factors for a {tuple(head.shape)} "
@@ -69,7 +67,7 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
 
     if method == "doremi":
         trained.eval()
-        proxy = common.new_model(cfg, device)
+        proxy = load_run_model(cfg, device)
         state = {"alpha": uniform.clone()}
         excess = []
 
@@ -88,7 +86,7 @@ def run_baseline(cfg: Config, method: str, args: common.BaselineArgs, out: Path,
 
     n, bs = args.max_examples, args.eval_batch
     if method == "rho":
-        reference = common.new_model(cfg, device)
+        reference = load_run_model(cfg, device)
         common.train_on_validation(common.Trainer(cfg, reference, lr), sampler,
                                    steps, device, progress)
         trained.eval()

@@ -7,17 +7,23 @@ needs only the step number.
 
 Training draws (i.i.d., with replacement):
   stratified  a fixed quota ``per_source`` from every source (c_k = per_source for all k). This
-              removes the absent-source bias of uniform batches (method.md §7.2); the global batch
-              is then shuffled so that micro-batches mix sources.
-  uniform     ``global_batch`` examples from the pooled data (the paper, method.md §1.4). A source
+              removes the absent-source bias of uniform batches (docs/method.md, pitfall 2); the
+              global batch is then shuffled so that micro-batches mix sources.
+  uniform     ``global_batch`` examples from the pooled data (as published). A source
               absent from the batch has c_k = 0 and contributes 0 to the training objective, with
-              no renormalisation of π over the present sources (method.md §2.3, version B).
+              no renormalisation of π over the present sources (docs/method.md, pitfall 2).
 Validation: ``val_batch`` examples i.i.d. with replacement from the concatenated validation set.
 
-Split: the global batch (train and val separately) is cut into G = micro_batches × world_size
-contiguous chunks of near-equal size (``torch.tensor_split``: sizes differ by at most one); rank r
-gets chunks r, r + W, r + 2W, ... (its ``micro_batches`` micro-batches, in that order). Only the
-rows of this rank's chunks are read from the Arrow files.
+Split (the batch vocabulary): a step's *global* training batch B (``per_source`` × K, or
+``global_batch``) is cut into C = B / ``micro_batch_size`` micro-batches of exactly
+``micro_batch_size`` sequences (the sequences one rank forwards at once); rank r of W gets chunks
+r, r + W, r + 2W, ..., i.e. A = C / W accumulation steps, so B = micro_batch_size × A × W. The
+validation batch is cut into the same C chunks (the loop pairs the j-th training and validation
+micro-batches), of ``val_batch`` / C sequences each. Every division must be exact (a clear error
+otherwise: :func:`batch_shape`); ``micro_batch_size=None`` means A = 1 (a rank's whole share in one
+forward). The older ``micro_batches=M`` (M micro-batches *per rank*, C = M × W, chunk sizes
+allowed to differ by one, ``torch.tensor_split``) is still accepted. Only the rows of this rank's
+chunks are read from the Arrow files.
 
 Each micro-batch is a dict of right-padded int64 tensors: ``input_ids`` [b, T] (``pad_token_id``
 after the end), ``attention_mask`` [b, T] (1 on tokens), ``labels`` [b, T] (-100 on pads) and
@@ -58,6 +64,80 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+class BatchShape(NamedTuple):
+    """How one step's batches split over ranks and micro-batches (counts are sequences)."""
+
+    train_batch: int  # B: global training sequences per step
+    val_batch: int  # global validation sequences per step
+    world_size: int  # W: ranks
+    accumulation: int  # A: micro-batches per rank per step (training and validation alike)
+    micro_batch_size: int  # training sequences per forward on one rank (the largest chunk)
+    val_micro_batch_size: int  # validation sequences per forward on one rank (the largest chunk)
+    exact: bool  # every chunk has exactly these sizes (False only with the older micro_batches)
+
+    @property
+    def chunks(self) -> int:
+        """C = A × W micro-batches per step over all ranks."""
+        return self.accumulation * self.world_size
+
+
+_LABELS = {"train": "training batch", "val": "val_batch", "mbs": "micro_batch_size",
+           "micro": "micro_batches", "world": "world_size"}
+
+
+def batch_shape(train_batch: int, val_batch: int, world_size: int = 1,
+                micro_batch_size: int | None = None, micro_batches: int | None = None,
+                labels: dict[str, str] | None = None) -> BatchShape:
+    """Check and compute the split of the module docstring: B = micro_batch_size × A × W.
+
+    ``labels`` names the quantities in messages (keys ``train``, ``val``, ``mbs``, ``micro``,
+    ``world``; e.g. ``{"mbs": "data.micro_batch_size"}``). Raises ``ValueError`` naming them, with
+    the arithmetic, when a division is not exact or a count is not a positive integer.
+    """
+    lab = {**_LABELS, **(labels or {})}
+    for key, value in (("train", train_batch), ("val", val_batch), ("world", world_size)):
+        _positive_int(lab[key], value)
+    if micro_batch_size is not None and micro_batches is not None:
+        raise ValueError(f"{lab['mbs']} and {lab['micro']}: give one (micro_batches is the older "
+                         "per-rank count of micro-batches)")
+    if micro_batches is not None:  # the older vocabulary: M per rank, C = M × W near-equal chunks
+        m = _positive_int(lab["micro"], micro_batches)
+        chunks = m * world_size
+        for key, size in (("train", train_batch), ("val", val_batch)):
+            if size < chunks:
+                raise ValueError(f"{lab[key]}: {size} examples cannot fill {lab['micro']} × "
+                                 f"{lab['world']} = {m} × {world_size} = {chunks} micro-batches")
+        exact = train_batch % chunks == 0 and val_batch % chunks == 0
+        return BatchShape(train_batch, val_batch, world_size, m, -(-train_batch // chunks),
+                          -(-val_batch // chunks), exact)
+    if micro_batch_size is None:  # one micro-batch per rank
+        if train_batch % world_size:
+            raise ValueError(
+                f"{lab['train']}: {train_batch} sequences do not split evenly over {lab['world']} "
+                f"{world_size} ranks; make it a multiple of {world_size} or set {lab['mbs']}")
+        micro_batch_size = train_batch // world_size
+    mbs = _positive_int(lab["mbs"], micro_batch_size)
+    if train_batch % mbs:
+        raise ValueError(f"{lab['mbs']}: {mbs} does not divide the {lab['train']} of "
+                         f"{train_batch} sequences (batch = {lab['mbs']} × accumulation × "
+                         f"{lab['world']})")
+    chunks = train_batch // mbs
+    if chunks % world_size:
+        raise ValueError(
+            f"{lab['world']} {world_size}: the {lab['train']} of {train_batch} = {chunks} "
+            f"micro-batches of {lab['mbs']} {mbs} cannot be shared evenly by {world_size} ranks "
+            f"(batch = {lab['mbs']} × accumulation × {lab['world']} needs {chunks} / "
+            f"{world_size} to be a whole number of accumulation steps)")
+    if val_batch % chunks:
+        raise ValueError(
+            f"{lab['val']}: {val_batch} is not a multiple of the step's {chunks} micro-batches "
+            f"({lab['train']} {train_batch} / {lab['mbs']} {mbs}): every training micro-batch "
+            f"is paired with one validation micro-batch, so {lab['val']} / {chunks} sequences "
+            f"must be whole (e.g. {lab['val']} {max(chunks, val_batch // chunks * chunks)})")
+    return BatchShape(train_batch, val_batch, world_size, chunks // world_size, mbs,
+                      val_batch // chunks, True)
+
+
 def collate(rows: dict[str, list], source_ids: Tensor, pad_token_id: int) -> dict[str, Tensor]:
     """Right-pad rows (``input_ids``/``labels`` lists) into the micro-batch dict."""
     lengths = [len(x) for x in rows["input_ids"]]
@@ -74,11 +154,17 @@ def collate(rows: dict[str, list], source_ids: Tensor, pad_token_id: int) -> dic
 
 
 class StepSampler:
-    """Draws :class:`StepBatch` for any step; see the module docstring for the exact scheme."""
+    """Draws :class:`StepBatch` for any step; see the module docstring for the exact scheme.
 
-    def __init__(self, data: SourceData, mode: str, *, val_batch: int, micro_batches: int,
-                 seed: int, pad_token_id: int, per_source: int | None = None,
-                 global_batch: int | None = None, rank: int = 0, world_size: int = 1) -> None:
+    The split: ``micro_batch_size`` sequences per forward on each rank (``None``: one micro-batch
+    per rank), or the older ``micro_batches`` per rank; :attr:`shape` is the resulting
+    :class:`BatchShape` and :attr:`micro_batches` its accumulation steps per rank.
+    """
+
+    def __init__(self, data: SourceData, mode: str, *, val_batch: int, seed: int,
+                 pad_token_id: int, per_source: int | None = None,
+                 global_batch: int | None = None, rank: int = 0, world_size: int = 1,
+                 micro_batch_size: int | None = None, micro_batches: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if mode == "stratified":
@@ -90,7 +176,6 @@ class StepSampler:
             if per_source is not None:
                 raise ValueError("per_source: only for mode='stratified' (uniform: global_batch)")
             train_batch = _positive_int("global_batch", global_batch)
-        self.micro_batches = _positive_int("micro_batches", micro_batches)
         self.world_size = _positive_int("world_size", world_size)
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank: must lie in [0, {world_size}), got {rank!r}")
@@ -99,13 +184,9 @@ class StepSampler:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed: an integer is required, got {seed!r}")
         self.val_batch = _positive_int("val_batch", val_batch)
-        chunks = self.micro_batches * self.world_size
-        for name, size in (("training batch", train_batch), ("val_batch", self.val_batch)):
-            if size < chunks:
-                raise ValueError(
-                    f"{name}: {size} examples cannot fill micro_batches × world_size = {chunks} "
-                    "micro-batches"
-                )
+        self.shape = batch_shape(train_batch, self.val_batch, self.world_size, micro_batch_size,
+                                 micro_batches)
+        self.micro_batches = self.shape.accumulation  # per rank, as the older argument meant
         self.data, self.mode, self.rank, self.seed = data, mode, rank, seed
         self.per_source, self.train_batch, self.pad_token_id = per_source, train_batch, pad_token_id
         sizes = torch.tensor([len(d) for d in data.train], dtype=torch.long)
@@ -137,7 +218,7 @@ class StepSampler:
         return sources, local, val
 
     def _mine(self, t: Tensor) -> list[Tensor]:
-        chunks = torch.tensor_split(t, self.micro_batches * self.world_size)
+        chunks = torch.tensor_split(t, self.shape.chunks)
         return list(chunks[self.rank :: self.world_size])
 
     def batch(self, step: int) -> StepBatch:

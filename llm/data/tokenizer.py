@@ -1,4 +1,5 @@
-"""A character-level tokenizer built offline, with a chat template, and a loader for saved ones.
+"""Tokenizers built offline (character-level; byte-level BPE trained on given text), with chat
+templates, and a loader for saved ones.
 
 The demo trains tiny models from scratch, so it needs a tokenizer that exists without any download.
 One token per character keeps the vocabulary at about a hundred entries and makes every prompt /
@@ -13,9 +14,10 @@ the alphabet's characters in order. ``llm.model.TINY_LLAMA`` relies on this layo
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
@@ -94,6 +96,51 @@ def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,
         chat_template=CHAR_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 20,
+    )
+
+
+BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# ChatML: every message is "<|im_start|>{role}\n{content}<|im_end|>\n"; the generation prompt is
+# "<|im_start|>assistant\n". Response boundaries fall inside a pre-tokeniser piece ("assistant\n"
+# + response), as with real BPE chat models, so the data pipeline's boundary rule is exercised.
+BPE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}{{ '\\n' }}"
+    "{{ message['content'] }}<|im_end|>{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
+
+def bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 8000) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style pre-tokeniser, no download) on ``corpus``.
+
+    It stands in for a model's tokenizer where speed matters (benchmarks, scale tests): the
+    pre-tokeniser and merges cost what they cost in real BPE tokenizers, unlike one token per
+    character. Every byte is in the alphabet, so no text maps to an unknown token.
+
+    Args:
+        corpus: training text; the merges learnt depend on it (and only on it: training is
+            deterministic).
+        vocab_size: target vocabulary size, special tokens and the 256 byte tokens included.
+
+    Returns:
+        The tokenizer, with eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos, and
+        ``chat_template`` = :data:`BPE_CHAT_TEMPLATE`.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL_TOKENS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=BPE_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 20,
     )

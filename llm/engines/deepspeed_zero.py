@@ -2,16 +2,24 @@
 
 Under ZeRO, toggling ``requires_grad`` is silently wrong and lr=0 groups keep the full state, so
 every LISA switch destroys the DeepSpeed engine and rebuilds it over ``persistent + active``
-blocks (docs/lisa-sharding.md §A(1)). Param group 0 (persistent params: same flat layout in every
-engine) keeps its fp32 master and optimizer state; the inactive blocks' are freed. Teardown closes
-three leaks: the forward hooks ``destroy()`` leaves, params still viewing the old flat buffers
-(cloned), and ZeRO-3's ``param._z3_optimizer``.
+blocks (docs/engines.md, "DeepSpeed ZeRO-2/3"). Each rebuild has one param group for the
+persistent params and one per active block; a group's flat layout depends on its params only, so
+the fp32 master partitions and optimizer state of every group present before and after a switch
+(the persistent params, and each block drawn again) are carried into the new engine, and the
+inactive blocks' are freed: the ``LisaOptimizer`` policy (a block re-activated after an absence
+restarts its moments from zero and, in bf16, its master from the bf16 weights).
+
+The DeepSpeed internals the engine leans on, and the release gate, live in
+llm/engines/deepspeed_compat.py (docs/engines.md, "DeepSpeed workarounds").
 
 Caller contract: read ``engine.module`` (the *current* DeepSpeed engine) for every forward, and drop
 every output/loss before ``set_active_blocks`` (else the old engine stays alive: ResourceWarning).
-A re-activated block restarts its moments from zero and, in bf16, its master from the bf16 weights
-(the ``LisaOptimizer`` policy). Accumulation is caller-owned: any number of ``backward()`` calls,
-then ``step()``. Data-parallel grads are averaged over ranks, as in DDP/FSDP.
+Accumulation is caller-owned: any number of ``backward()`` calls, then ``step()``; with bf16
+weights the micro-batch gradients are summed in fp32 unless ``fp32_grad_accum=False``.
+Data-parallel grads are averaged over ranks, as in DDP/FSDP. A LISA switch ends in a full
+``gc.collect()`` (the old engine sits in reference cycles); wrap the training loop in
+``frozen_gc()`` to make that collection cheap. Given a deferred model (meta parameters,
+llm/engines/materialize.py), ZeRO-3 builds it partitioned, so no rank holds the full weights.
 """
 
 from __future__ import annotations
@@ -19,38 +27,43 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import socket
 import sys
 import warnings
 import weakref
 
-import deepspeed
-import deepspeed.comm.torch  # noqa: F401  (so sys.modules has it for the shm patch)
 import torch
-from deepspeed.accelerator import get_accelerator
 from torch import nn
 
-from scalebio.llm.engines.engine import OptimizerSpec, tensor_bytes
+from scalebio.llm.engines.deepspeed_compat import (  # noqa: F401 (re-exported)
+    SUPPORTED_DEEPSPEED,
+    changed,
+    check_deepspeed_version,
+    deepspeed_module,
+    flat_groups,
+    frozen_gc,
+    init_deepspeed_distributed,
+    prologue_once_per_backward,
+    release_engine,
+)
+from scalebio.llm.engines.engine import OptimizerSpec, make_optimizer, tensor_bytes
 from scalebio.llm.engines.lisa import LisaConfig, apply_active_blocks, check_active, lisa_layout
+from scalebio.llm.engines.materialize import source_of, zero3_model
 
-FORMAT = "scalebio-deepspeed-v1"
+# v2: one param group per active block (v1 had all active blocks in one group)
+FORMAT = "scalebio-deepspeed-v2"
 _RESERVED_ZERO_KEYS = ("stage", "offload_optimizer")
-_GC_FROZEN = [False]  # gc.get_freeze_count() is O(frozen objects): remember instead
-
-
-def skip_cpu_shm_op() -> None:
-    """On the CPU accelerator, skip DeepSpeed's shared-memory comm op (a ~30 s JIT build at the
-    first ``init_distributed``; gloo does the same collectives). ``sys.modules``, because
-    ``import deepspeed.comm.torch as m`` would bind the *torch* package."""
-    if get_accelerator().device_name() == "cpu":
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+PERSISTENT = "persistent"  # group key of the persistent params; a block's key is its index
+ALL_BLOCKS = "blocks"  # group key of every block at once (no LISA: never switched)
 
 
 def deepspeed_config(
-    zero_stage: int, offload: bool, bf16: bool, zero_config: dict | None = None
+    zero_stage: int, offload: bool, bf16: bool, zero_config: dict | None = None,
+    fp32_grad_accum: bool = True,
 ) -> dict:
     """The DeepSpeed config dict of every (re)build. Batch fields are placeholders (the loop owns
-    batching); clipping is off (DeepSpeed's default is 1.0): ``ZeroEngine.step`` sets it.
+    batching); clipping is off here (DeepSpeed's default is 1.0) and set by ``ZeroEngine.step``.
+    With ``bf16`` and ``fp32_grad_accum``, ZeRO sums the micro-batch gradients in fp32
+    (``data_types.grad_accum_dtype``; DeepSpeed's default is the weights' dtype).
 
     Raises:
         ValueError: bad ``zero_stage``, or ``zero_config`` sets ``stage``/``offload_optimizer``.
@@ -64,7 +77,7 @@ def deepspeed_config(
     zero = {"stage": zero_stage, **extra}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,  # step() is the boundary, backward() accumulates
@@ -76,60 +89,18 @@ def deepspeed_config(
         "steps_per_print": sys.maxsize,
         "wall_clock_breakdown": False,
     }
-
-
-def _init_distributed() -> None:
-    if deepspeed.comm.is_initialized():
-        return
-    skip_cpu_shm_op()
-    if "RANK" in os.environ or torch.distributed.is_initialized():
-        deepspeed.init_distributed()  # a launcher's env:// (or wraps an existing group)
-        return
-    with socket.socket() as s:  # a plain process: DeepSpeed needs a group, so make one of 1
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    deepspeed.init_distributed(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                               auto_mpi_discovery=False)
+    if bf16 and fp32_grad_accum:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def _client_optimizer(spec: OptimizerSpec, groups: list[list[nn.Parameter]], offload: bool):
-    param_groups = [{"params": g} for g in groups]
     if spec.name == "adamw" and offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds cpu_adam on first use
 
-        return DeepSpeedCPUAdam(param_groups, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                                weight_decay=spec.weight_decay, adamw_mode=True)
-    if spec.name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                                 weight_decay=spec.weight_decay)
-    return torch.optim.SGD(param_groups, lr=spec.lr, weight_decay=spec.weight_decay)
-
-
-def _flat_groups(ds, zero_stage: int) -> list[tuple[int, torch.Tensor]]:
-    """(param group id, fp32 flat master partition) of a DeepSpeed engine, in optimizer order."""
-    zo = ds.optimizer
-    if zero_stage == 3:  # ZeRO-3 may split a param group into several sub-groups
-        return [(zo.sub_group_to_group_id[i], f)
-                for i, f in enumerate(zo.fp32_partitioned_groups_flat)]
-    return list(enumerate(zo.single_partition_of_fp32_groups))
-
-
-def _prologue_once_per_backward(ds) -> None:
-    """Run the engine's backward prologue once per autograd graph task (ids increase).
-
-    Each ``ds(...)`` forward hooks its outputs to call it, and each call enters ZeRO's backward
-    context: two forwards in one backward (w on train + validation) entered it twice, and the
-    post-backward reduction was skipped (``KeyError: 0`` in ``averaged_gradients`` at step)."""
-    prologue, last_task = ds._backward_prologue, [None]
-
-    def once() -> None:
-        task = torch._C._current_graph_task_id()
-        if task != -1 and task == last_task[0]:
-            return
-        last_task[0] = task
-        prologue()
-
-    ds._backward_prologue = once
+        return DeepSpeedCPUAdam([{"params": g} for g in groups], lr=spec.lr, betas=spec.betas,
+                                eps=spec.eps, weight_decay=spec.weight_decay, adamw_mode=True)
+    return make_optimizer(spec, groups)
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -153,13 +124,21 @@ class ZeroEngine:
 
     def __init__(self, model: nn.Module, spec: OptimizerSpec, lisa: LisaConfig | None,
                  zero_stage: int, offload: bool, bf16: bool, zero_config: dict | None,
-                 freeze_gc: bool):
-        self.model, self.spec, self.zero_stage = model, spec, zero_stage
-        self.offload, self.freeze_gc = offload, freeze_gc
-        self.config = deepspeed_config(zero_stage, offload, bf16, zero_config)
+                 fp32_grad_accum: bool = True):
+        self._dsm = deepspeed_module()  # refuses an unsupported release before any work
+        self.config = deepspeed_config(zero_stage, offload, bf16, zero_config, fp32_grad_accum)
+        source = source_of(model)
+        if source is not None:  # deferred: partitioned at construction (ZeRO-3), else built whole
+            if zero_stage == 3:
+                init_deepspeed_distributed()
+                model = zero3_model(source, self.config)
+            else:  # ZeRO-2 keeps a full copy of the weights on every rank anyway
+                model = source.load()
+        self.model, self.spec, self.zero_stage, self.offload = model, spec, zero_stage, offload
         self.layout = lisa_layout(model, lisa)
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.active: list[int] | None = None  # None = every block trainable
+        self._keys: list = []  # the group key of each param group of the current engine
         self._ds = None
 
     # ------------------------------------------------------------------------ Engine protocol
@@ -173,7 +152,8 @@ class ZeroEngine:
         active = check_active(active, len(self.layout.blocks))
         if self._ds is not None and active == self.active:
             return
-        carried = self._teardown() if self._ds is not None else []
+        keep = set(self._group_keys(active))
+        carried = self._teardown(keep) if self._ds is not None else {}
         self.active = active
         self._build(carried)
 
@@ -191,6 +171,8 @@ class ZeroEngine:
         ds = self._engine()
         for group in ds.optimizer.param_groups:
             group["lr"] = lr
+        if not hasattr(ds.optimizer, "clip_grad"):  # the config's gradient_clipping, per step
+            raise changed("the ZeRO optimizer's clip_grad")
         ds.optimizer.clip_grad = 0.0 if clip is None else float(clip)
         ds.step()
         return float(ds.get_global_grad_norm())
@@ -201,7 +183,7 @@ class ZeroEngine:
             return 0
         inner = self._ds.optimizer.optimizer
         state = [v for s in inner.state.values() for v in s.values()]
-        return tensor_bytes(state + [flat for _, flat in _flat_groups(self._ds, self.zero_stage)])
+        return tensor_bytes(state + [flat for _, flat in flat_groups(self._ds, self.zero_stage)])
 
     def state_dict(self) -> dict:
         """This rank's shard: weights (full under ZeRO-2, the local partition under ZeRO-3),
@@ -214,13 +196,13 @@ class ZeroEngine:
         return {
             "format": FORMAT,
             "zero_stage": self.zero_stage,
-            "world_size": deepspeed.comm.get_world_size(),
+            "world_size": self._dsm.comm.get_world_size(),
             "active": None if self.active is None else list(self.active),
             "params": {self.names[id(p)]: self._local(p).detach().clone()
                        for p in self.model.parameters()},
             "groups": [{"group": g, "master": flat.detach().clone(),
                         "state": _clone_state(inner.state.get(flat, {}))}
-                       for g, flat in _flat_groups(ds, self.zero_stage)],
+                       for g, flat in flat_groups(ds, self.zero_stage)],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -232,7 +214,8 @@ class ZeroEngine:
         for key in ("format", "zero_stage", "world_size", "active", "params", "groups"):
             if key not in state:
                 raise KeyError(f"DeepSpeed engine state dict is missing the field {key!r}")
-        world = (deepspeed.comm.get_world_size() if deepspeed.comm.is_initialized()
+        comm = self._dsm.comm
+        world = (comm.get_world_size() if comm.is_initialized()
                  else int(os.environ.get("WORLD_SIZE", "1")))  # what init_distributed will use
         for key, want in (("format", FORMAT), ("zero_stage", self.zero_stage),
                           ("world_size", world)):
@@ -240,7 +223,7 @@ class ZeroEngine:
                 raise ValueError(f"state dict field {key!r} is {state[key]!r}, expected {want!r}")
         active = check_active(state["active"], len(self.layout.blocks))
         if self._ds is not None and active != self.active:
-            self._teardown()
+            self._teardown(set())
         self.active = active
         ds = self._engine()
         if self.zero_stage == 3:
@@ -251,7 +234,7 @@ class ZeroEngine:
                 if name not in state["params"]:
                     raise KeyError(f"state dict has no weights for parameter {name!r}")
                 _copy_checked(self._local(p), state["params"][name], f"params[{name!r}]")
-        self._restore_groups(state["groups"], _flat_groups(ds, self.zero_stage), clone=True)
+        self._restore_groups(state["groups"], flat_groups(ds, self.zero_stage), clone=True)
         if self.zero_stage == 3:
             ds.optimizer.checkpoint_event_epilogue()  # re-gather persistent (small) params
 
@@ -261,11 +244,11 @@ class ZeroEngine:
         Collective under ZeRO-3: every rank must call it.
         """
         self._engine()
-        rank0 = deepspeed.comm.get_rank() == 0
+        rank0 = self._dsm.comm.get_rank() == 0
         out = {}
         for name, value in self.model.state_dict(keep_vars=True).items():
             partitioned = hasattr(value, "ds_id")
-            with deepspeed.zero.GatheredParameters([value], enabled=partitioned):
+            with self._dsm.zero.GatheredParameters([value], enabled=partitioned):
                 if rank0:
                     out[name] = value.detach().clone()
         return out
@@ -279,27 +262,30 @@ class ZeroEngine:
     def _local(self, p: nn.Parameter) -> torch.Tensor:
         return p.ds_tensor if self.zero_stage == 3 else p
 
-    def _groups(self) -> list[list[nn.Parameter]]:
-        blocks = range(len(self.layout.blocks)) if self.active is None else self.active
-        active = [p for i in blocks for p in self.layout.blocks[i]]
-        return [g for g in (list(self.layout.persistent), active) if g]
+    def _group_keys(self, active: list[int] | None) -> list:
+        """The key of each non-empty param group of an engine over ``active``, in order."""
+        keys = [PERSISTENT] if self.layout.persistent else []
+        return keys + ([ALL_BLOCKS] if active is None else list(active))
 
-    def _build(self, carried: list[dict]) -> None:
-        _init_distributed()
-        if self.freeze_gc and not _GC_FROZEN[0]:
-            # The gc.collect() at every switch then scans only objects made since (here
-            # 0.8 s -> 0.05 s); what is alive now (modules, models) is long-lived anyway.
-            gc.collect()
-            gc.freeze()
-            _GC_FROZEN[0] = True
+    def _groups(self) -> list[list[nn.Parameter]]:
+        blocks = self.layout.blocks
+        by_key = {PERSISTENT: list(self.layout.persistent),
+                  ALL_BLOCKS: [p for ps in blocks for p in ps]}
+        return [by_key[k] if k in by_key else list(blocks[k]) for k in self._keys]
+
+    def _build(self, carried: dict) -> None:
+        init_deepspeed_distributed()
         apply_active_blocks(self.layout, self.active)
+        self._keys = self._group_keys(self.active)
         optimizer = _client_optimizer(self.spec, self._groups(), self.offload)
-        self._ds, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+        self._ds, *_ = self._dsm.initialize(model=self.model, optimizer=optimizer,
                                             config=self.config)
-        _prologue_once_per_backward(self._ds)
-        if carried:
-            flats = _flat_groups(self._ds, self.zero_stage)
-            self._restore_groups(carried, [(g, f) for g, f in flats if g == 0], clone=False)
+        prologue_once_per_backward(self._ds)
+        if carried:  # every group present before and after the switch: same flat layout
+            flats = [(g, f) for g, f in flat_groups(self._ds, self.zero_stage)
+                     if self._keys[g] in carried]
+            saved = [entry for key in self._keys if key in carried for entry in carried[key]]
+            self._restore_groups(saved, flats, clone=False)
 
     def _restore_groups(self, saved: list[dict], flats: list[tuple[int, torch.Tensor]],
                         clone: bool) -> None:
@@ -308,7 +294,7 @@ class ZeroEngine:
         inner = self._ds.optimizer.optimizer
         with torch.no_grad():
             for i, (entry, (group, flat)) in enumerate(zip(saved, flats)):
-                if entry["group"] != group:
+                if entry["group"] != group and clone:  # a checkpoint: same engine layout
                     raise ValueError(f"groups[{i}] is param group {entry['group']}, "
                                      f"expected {group}")
                 _copy_checked(flat, entry["master"], f"groups[{i}].master")
@@ -316,28 +302,19 @@ class ZeroEngine:
                 if entry["state"]:
                     inner.state[flat] = _clone_state(entry["state"]) if clone else entry["state"]
 
-    def _teardown(self) -> list[dict]:
-        """Destroy the current engine, return param group 0's master + state to carry."""
+    def _teardown(self, keep: set) -> dict:
+        """Destroy the current engine; return the masters + state of the groups in ``keep``
+        (key → its entries, one per ZeRO-3 sub-group), to carry into the next one."""
         ds, self._ds = self._ds, None
         inner = ds.optimizer.optimizer
+        carried: dict = {}
         # No copies: the old master and moments are only read into the new engine (lower peak).
-        carried = [{"group": g, "master": f.detach(), "state": dict(inner.state.get(f, {}))}
-                   for g, f in _flat_groups(ds, self.zero_stage)
-                   if g == 0 and self.layout.persistent]  # group 0 = persistent iff any
+        for g, f in flat_groups(ds, self.zero_stage):
+            if self._keys[g] in keep:
+                carried.setdefault(self._keys[g], []).append(
+                    {"group": g, "master": f.detach(), "state": dict(inner.state.get(f, {}))})
         old_optimizer = weakref.ref(ds.optimizer)
-        ds.destroy()
-        for name in ("module_forward_pre_hook", "module_forward_post_hook"):
-            handle = getattr(ds, name, None)  # destroy() leaves these: they hold the whole engine
-            if handle is not None:
-                handle.remove()
-                setattr(ds, name, None)
-        with torch.no_grad():
-            for p in self.model.parameters():
-                if hasattr(p, "_z3_optimizer"):
-                    p._z3_optimizer = None
-                if p.requires_grad:  # still a view into the old engine's flat buffer
-                    local = self._local(p)
-                    local.data = local.data.clone()
+        release_engine(ds, self.model, self._local)
         del ds, inner
         gc.collect()
         if old_optimizer() is not None:
@@ -355,12 +332,14 @@ def build_deepspeed_engine(
     offload: bool = False,
     bf16: bool = False,
     zero_config: dict | None = None,
-    freeze_gc: bool = True,
+    fp32_grad_accum: bool = True,
 ) -> ZeroEngine:
     """Wrap ``model`` in a DeepSpeed ZeRO engine with LISA support (module doc).
 
     Args:
-        model: an HF causal LM (plain, or already ZeRO-3 partitioned via ``HfDeepSpeedConfig``).
+        model: an HF causal LM (plain, or already ZeRO-3 partitioned via ``HfDeepSpeedConfig``),
+            or a deferred one (``materialize.deferred_model``): under ZeRO-3 it is then built
+            partitioned, so no rank holds its full weights.
         opt: optimizer hyperparameters (a client torch optimizer: no JIT op build, except
             ``DeepSpeedCPUAdam`` for AdamW with ``offload``).
         lisa: LISA policy for params outside the blocks; ``None`` = everything trainable.
@@ -368,10 +347,12 @@ def build_deepspeed_engine(
         offload: ``offload_optimizer`` to CPU (fp32 masters and moments in host memory).
         bf16: bf16 weights with fp32 masters (DeepSpeed casts the model).
         zero_config: extra ``zero_optimization`` fields (bucket sizes, persistence threshold).
-        freeze_gc: ``gc.freeze()`` once before the first build, so that the ``gc.collect()``
-            that frees the old engine at each switch is fast (it is process-wide).
+        fp32_grad_accum: with ``bf16``, sum the micro-batch gradients in fp32.
 
     Returns:
         The engine; the DeepSpeed engine itself is built on first use.
+
+    Raises:
+        RuntimeError: the installed DeepSpeed is outside ``SUPPORTED_DEEPSPEED``.
     """
-    return ZeroEngine(model, opt, lisa, zero_stage, offload, bf16, zero_config, freeze_gc)
+    return ZeroEngine(model, opt, lisa, zero_stage, offload, bf16, zero_config, fp32_grad_accum)

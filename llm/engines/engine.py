@@ -3,14 +3,22 @@
 An engine owns one model copy (u or w) and its optimizer. The loop calls ``engine.module`` for
 forwards, one ``backward`` through both models and θ, then ``engine.step(lr, clip)`` on each engine.
 
-``LisaOptimizer`` is the LISA-aware optimizer used by the torch engines (single process / DDP
-and FSDP2). It keeps optimizer state only for trainable tensors: at each switch the optimizer is
-rebuilt over ``persistent + active blocks``; the state of persistent params (embeddings, head, ...)
-is carried over, the state of blocks that go inactive is freed. **A re-activated block restarts
-its Adam moments and step count from zero**, like a fresh LISA draw in LMFlow. Params that are not
-float32 (bf16 weights) get an fp32 master copy while trainable; a block's master is dropped when
-the block goes inactive and rebuilt from the low-precision weights when it comes back (its sub-bf16
-bits are lost, as when resuming from a bf16 checkpoint).
+``LisaOptimizer`` is the LISA-aware optimizer of the torch engine (llm/engines/torch_engine.py:
+single process, DDP and FSDP2). It keeps optimizer state only for trainable tensors: at each
+switch the optimizer is rebuilt over ``persistent + active blocks``. The state of every tensor
+trainable both before and after the switch is carried over (persistent params, and a block drawn
+again in the next period, which therefore steps exactly like an AdamW that never stopped); the
+state of blocks that go inactive is freed, so **a block re-activated after an absence restarts its
+Adam moments and step count from zero**, like a fresh LISA draw. Params that are not float32 (bf16
+weights) get an fp32 master copy while trainable; a block's master is dropped when the block goes
+inactive and rebuilt from the low-precision weights when it comes back (its sub-bf16 bits are
+lost, as when resuming from a bf16 checkpoint).
+
+fp32 gradient accumulation (``fp32_grad_accum``, on by default): with bf16 weights, autograd
+accumulates the micro-batch gradients of one step in bf16, so each addition rounds the running
+sum to 8 mantissa bits. Instead a post-accumulate-grad hook on each trainable bf16 param adds the
+micro-batch gradient into its fp32 master's ``.grad`` and frees the bf16 one: only each
+micro-batch's own contribution is rounded to bf16 (docs/engines.md, "Precision").
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ class Engine(Protocol):
     """What the training loop needs from one model's engine (duck-typed)."""
 
     module: nn.Module
+    layout: LisaLayout  # the model's blocks / persistent / frozen parameters (LISA policy)
 
     def step(self, lr: float, clip: float | None) -> float:
         """Clip the grad norm (None = off), optimizer step at ``lr``, zero grads; return the
@@ -166,26 +175,42 @@ class LisaOptimizer:
         names: parameter id → dotted name (checkpoint keys).
         active: the blocks trainable at first (``None`` = all; ``[]`` = only persistent params,
             so that no state or master is made for blocks before the first LISA draw).
+        fp32_grad_accum: accumulate the micro-batch gradients of low-precision params in their
+            fp32 master's ``.grad`` (module doc); ignored for fp32 params.
     """
 
     def __init__(
         self, layout: LisaLayout, spec: OptimizerSpec, names: dict[int, str],
-        active: list[int] | None = None,
+        active: list[int] | None = None, fp32_grad_accum: bool = True,
     ):
         self.layout, self.spec, self.names = layout, spec, names
+        self.fp32_grad_accum = fp32_grad_accum
         self.active: list[int] | None = None
         self.masters: dict[int, torch.Tensor] = {}  # id(param) -> fp32 master
+        self._hooks: dict[int, object] = {}  # id(param) -> post-accumulate-grad hook handle
         self.params = {id(p): p for ps in layout.blocks for p in ps}
         self.params.update({id(p): p for p in layout.persistent})
         self.optimizer: torch.optim.Optimizer | None = None
         self.set_active(active, force=True)
 
     def _opt_tensor(self, p: nn.Parameter) -> torch.Tensor:
-        if p.dtype == torch.float32:
+        if p.dtype in (torch.float32, torch.float64):  # masters only for 16-bit weights
             return p
         if id(p) not in self.masters:
             self.masters[id(p)] = p.detach().to(torch.float32).clone()
         return self.masters[id(p)]
+
+    def _accumulate(self, p: nn.Parameter) -> None:
+        # Runs after autograd (or FSDP2's reduce-scatter) has put this micro-batch's gradient in
+        # p.grad, which was None before: move it into the fp32 sum, so p.grad is None again.
+        master = self.masters.get(id(p))
+        if master is None or p.grad is None:
+            return
+        if master.grad is None:
+            master.grad = p.grad.to(torch.float32)
+        else:
+            master.grad.add_(p.grad)
+        p.grad = None
 
     def trainable(self) -> list[nn.Parameter]:
         """Persistent params then active blocks' params, in a fixed order."""
@@ -203,23 +228,33 @@ class LisaOptimizer:
         keep = {id(p) for p in trainable}
         for key in [key for key in self.masters if key not in keep]:
             del self.masters[key]  # the inactive block's master goes with it
-        persistent = [self._opt_tensor(p) for p in self.layout.persistent]
-        blocks = [self._opt_tensor(p) for p in trainable[len(persistent):]]
+        for key in [key for key in self._hooks if key not in keep]:
+            self._hooks.pop(key).remove()
+        tensors = [self._opt_tensor(p) for p in trainable]
+        if self.fp32_grad_accum:  # a hook needs requires_grad, so only trainable params get one
+            for p in trainable:
+                if id(p) in self.masters and id(p) not in self._hooks:
+                    self._hooks[id(p)] = p.register_post_accumulate_grad_hook(self._accumulate)
+        n_persistent = len(self.layout.persistent)
         old, self.optimizer = self.optimizer, None
-        self.optimizer = make_optimizer(self.spec, [persistent, blocks])
+        self.optimizer = make_optimizer(self.spec, [tensors[:n_persistent],
+                                                    tensors[n_persistent:]])
         if old is not None:
-            for t in persistent:  # embeddings/head keep their moments and step count
+            # Everything trainable before and after keeps its moments and step count: the
+            # persistent params, and blocks drawn again (their masters were kept above too).
+            for t in tensors:
                 if t in old.state:
                     self.optimizer.state[t] = old.state[t]
         del old  # the state of blocks that went inactive is freed here
 
     def prepare_grads(self) -> list[torch.Tensor]:
-        """Move low-precision grads onto the fp32 masters; return the tensors to be stepped."""
+        """Move low-precision grads onto the fp32 masters (where the hook has not already);
+        return the tensors to be stepped."""
         out = []
         for p in self.trainable():
             t = self._opt_tensor(p)
-            if t is not p:
-                t.grad = None if p.grad is None else p.grad.to(torch.float32)
+            if t is not p and p.grad is not None:  # not accumulated by the hook: cast it now
+                t.grad = p.grad.to(torch.float32) if t.grad is None else t.grad.add_(p.grad)
                 p.grad = None
             out.append(t)
         return out
@@ -269,7 +304,7 @@ class LisaOptimizer:
 
 # ---------------------------------------------------------------------------- checkpoint state
 def engine_state(module: nn.Module, opt: LisaOptimizer) -> dict:
-    """Copy of the weights and buffers plus the LISA optimizer's state (torch and FSDP2 engines).
+    """Copy of the weights and buffers plus the LISA optimizer's state (the torch engine).
 
     Under FSDP2 the values are the local DTensor shards, keyed by name.
     """

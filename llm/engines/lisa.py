@@ -30,16 +30,20 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass(frozen=True)
 class LisaConfig:
-    """LISA hyperparameters.
+    """LISA settings: the engines' ``lisa`` argument and the ``lisa`` section of a run config.
 
     Attributes:
+        enabled: LISA on. An engine given a disabled config trains every block, as with ``None``.
+            A run config's ``lisa`` section is off unless it says ``enabled: true``.
         n_active: number of decoder blocks trained at a time (all blocks if ≥ the block count).
         period: steps between two draws.
         train_embeddings: train the embeddings outside the blocks.
         train_head: train the output head.
-        joint: u and w share one draw (otherwise each model has its own stream).
+        joint: u and w share one draw, which lowers the variance of ℓ̄(w) − ℓ̄(u) (otherwise
+            each model has its own stream).
     """
 
+    enabled: bool = True
     n_active: int = 2
     period: int = 20
     train_embeddings: bool = True
@@ -47,14 +51,12 @@ class LisaConfig:
     joint: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_active, bool) or not isinstance(self.n_active, int):
-            raise TypeError(f"LisaConfig.n_active must be an int, got {self.n_active!r}")
-        if self.n_active < 1:
-            raise ValueError(f"LisaConfig.n_active must be >= 1, got {self.n_active}")
-        if isinstance(self.period, bool) or not isinstance(self.period, int):
-            raise TypeError(f"LisaConfig.period must be an int, got {self.period!r}")
-        if self.period < 1:
-            raise ValueError(f"LisaConfig.period must be >= 1, got {self.period}")
+        for key in ("n_active", "period"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"LisaConfig.{key} (lisa.{key}) must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"LisaConfig.{key} (lisa.{key}) must be >= 1, got {value}")
 
 
 class LisaLayout(NamedTuple):
@@ -122,7 +124,8 @@ def lisa_layout(
 
     Args:
         model: the model.
-        cfg: the LISA config; ``None`` means every parameter outside the blocks is persistent.
+        cfg: the LISA config; ``None`` (or a disabled one) means every parameter outside the
+            blocks is persistent.
         blocks_path: dotted path of the blocks (default: ``find_decoder_blocks``); wrappers that
             change module classes (FSDP2) pass the path found before wrapping.
 
@@ -132,6 +135,8 @@ def lisa_layout(
     Raises:
         ValueError: tied embeddings with ``train_embeddings != train_head``.
     """
+    if cfg is not None and not cfg.enabled:
+        cfg = None
     if blocks_path is None:
         try:
             path, blocks = find_decoder_blocks(model)

@@ -1,4 +1,4 @@
-"""Per-example and partial-sum losses for the ScaleBiO LLM loop (method.md §2.3, version B).
+"""Per-example and partial-sum losses for the ScaleBiO LLM loop (docs/method.md, section 4).
 
 The loop accumulates the penalty surrogate over M micro-batches per rank. Every loss here is a
 *partial sum* of a global-batch quantity, normalised by a *global* count known before the step
@@ -9,7 +9,7 @@ micro-batches and ranks gives exactly the global-batch value and its gradient:
     v    = Σ_{supervised tokens t in micro-batch} CE_t / N_tok  (validation)
 
 ℓ_i is the per-example *token mean* of response-token cross-entropy (0 for an example with no
-supervised token); the validation loss is a global *token* mean (method.md §7.4 asymmetry, kept on
+supervised token); the validation loss is a global *token* mean (docs/method.md, pitfall 4: kept on
 purpose to match the paper).
 """
 

@@ -2,6 +2,17 @@
 
 Kept apart from the loop so that benchmarks and parity tests run exactly this code, and so that
 it imports neither ``datasets`` nor the engines.
+
+**One autograd graph at a time.** The penalty surrogate S (``scalebio.penalty``) is linear in its
+three model-dependent parts, f(w) on validation, H(w) and H(u) on training, because the lower
+objective of data reweighting, G(λ, h) = Σ_k π_k(λ) h_k, is linear in h. So
+S(f, H(w), H(u)) = S(f, 0, 0) + S(0, H(w), 0) + S(0, 0, H(u)) as functions of (λ, w, u), and the
+gradient of S is the sum of the gradients of the three pieces, each of which touches one forward
+graph only. The step therefore runs a backward right after each forward: the activation peak is
+that of one forward + backward (as in SFT), not three. Each piece is built by
+:func:`~scalebio.penalty.penalty_surrogate` itself (zero placeholders for the other two), so every
+sign and α still comes from there; λ's gradient α J(π)(ℓ̄(w) − ℓ̄(u)) arrives in two halves, from
+the H(w) and the H(u) pieces, and needs no model graph.
 """
 
 from __future__ import annotations
@@ -21,6 +32,27 @@ def _forward_losses(model, mb: dict, device) -> torch.Tensor:
     return out.logits, mb["labels"].to(device)
 
 
+def _piece(theta, combine, alpha, world, f=None, h_w=None, h_u=None, like=None):
+    """Backward of the one piece of S given (the others are zero); return its PenaltyTerms.
+
+    ``like`` shapes the zero placeholders of the features. The piece is multiplied by the world
+    size because the engines average gradients over ranks while every loss here is a partial sum
+    normalised by global counts.
+    """
+    zero_h = torch.zeros_like(like)
+    zero_f = torch.zeros((), dtype=like.dtype, device=like.device)
+    terms = penalty_surrogate(
+        theta,
+        zero_f if f is None else f,
+        zero_h if h_w is None else h_w,
+        zero_h if h_u is None else h_u,
+        combine,
+        alpha,
+    )
+    (terms.surrogate * world).backward()
+    return terms
+
+
 def bilevel_step(
     eng_u,
     eng_w,
@@ -37,8 +69,9 @@ def bilevel_step(
 ) -> dict:
     """One ScaleBiO step on a sampler batch (steps 2–4 of the module docstring).
 
-    Returns {"sums": [f, g_w, g_u, ℓ̄(w) (K), ℓ̄(u) (K)] of the global batch (float64, CPU),
-    "weights": π(θ_t) (before the step), grad norms of u, w and λ}.
+    ``combine`` must be linear in the features (as :class:`Combine` is): the backward runs piece by
+    piece (module docstring). Returns {"sums": [f, g_w, g_u, ℓ̄(w) (K), ℓ̄(u) (K)] of the global
+    batch (float64, CPU), "weights": π(θ_t) (before the step), grad norms of u, w and λ}.
     """
     lr_u, lr_w, lr_lambda = lrs
     device = theta.device if device is None else device
@@ -54,26 +87,27 @@ def bilevel_step(
                 tr["source_ids"].to(device),
                 counts,
             )
-            zero = torch.zeros((), dtype=h_u.dtype, device=device)
-            terms = penalty_surrogate(theta, zero, h_u.detach(), h_u, combine, alpha)
-            (terms.surrogate * world).backward()
-        theta.grad = None  # this pass gives λ exactly zero: g(λ, sg u) − g(λ, sg u)
+            # λ detached: this pass moves u only (λ's share of H(u) comes in the main loop)
+            _piece(theta.detach(), combine, alpha, world, h_u=h_u, like=h_u)
         gn_u = eng_u.step(lr_u, clip)
     for tr, va in zip(batch.train, batch.val):
+        # Forwards in the order of the single-graph step (w, u, w): dropout draws are unchanged.
         src = tr["source_ids"].to(device)
         h_w = source_partial_sums(
             per_example_loss(*_forward_losses(eng_w.module, tr, device)), src, counts
         )
+        t_w = _piece(theta, combine, alpha, world, h_w=h_w, like=h_w)
         with torch.set_grad_enabled(order == "simultaneous"):
             h_u = source_partial_sums(
                 per_example_loss(*_forward_losses(eng_u.module, tr, device)), src, counts
             )
+        # alternating: h_u has no graph, the backward reaches λ alone (its −α J(π) ℓ̄(u) half)
+        t_u = _piece(theta, combine, alpha, world, h_u=h_u, like=h_u)
         f = val_partial_sum(*_forward_losses(eng_w.module, va, device), batch.val_tokens)
-        terms = penalty_surrogate(theta, f, h_w, h_u, combine, alpha)
-        (terms.surrogate * world).backward()
+        t_f = _piece(theta, combine, alpha, world, f=f, like=h_w)
         sums += torch.cat(
             [
-                torch.stack([terms.upper, terms.lower_y, terms.lower_z]).double(),
+                torch.stack([t_f.upper, t_w.lower_y, t_u.lower_z]).double(),
                 h_w.detach().double(),
                 h_u.detach().double(),
             ]

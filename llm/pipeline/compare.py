@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from scalebio.llm import outputs
-from scalebio.llm.config import config_from_dict, load_config
+from scalebio.llm.config import BASELINE_METHODS, config_from_dict, load_config
 from scalebio.llm.tasks.demo import demo_config
 from scalebio.llm.tasks.demo_data import write_demo_sources
 
-METHODS = ("scalebio", "uniform", "size", "doremi", "rho", "less")
+METHODS = ("scalebio", *BASELINE_METHODS)
 STAGES = ("weights", "mix", "sft", "eval")
 DATA_SEED = 0  # the demo task is fixed across seeds; only training and mixing draws vary
 STD_RULE = "sample standard deviation over seeds (divisor n - 1); null with one seed"
@@ -227,8 +227,7 @@ def compare(out: Path, *, config_path: str | Path | None = None,
     seeds = parse_seeds(",".join(str(k) for k in seeds))
     s = settings or (QUICK if quick else CompareSettings())
     out = Path(out).resolve()
-    if config_path is not None and overwrite and out in Path(config_path).resolve().parents:
-        raise outputs.OutputError(f"--out {out}: --overwrite would delete --config {config_path}")
+    outputs.refuse_deleting_inputs(out, overwrite, [] if config_path is None else [config_path])
     outputs.prepare_out_dir(out, resume=False, overwrite=overwrite)
     t0 = time.perf_counter()
     base = _task(out, config_path, s)

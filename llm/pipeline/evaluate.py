@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from scalebio.llm import outputs
+from scalebio.llm import outputs, preflight, run_folder
 from scalebio.llm.config import Config
+from scalebio.llm.data import checks
 from scalebio.llm.data.batching import collate
 from scalebio.llm.data.conversations import render, to_messages
 from scalebio.llm.data.sources import (  # the reader reweight uses
@@ -46,7 +47,6 @@ from scalebio.llm.data.sources import (  # the reader reweight uses
     _read_records,
     load_sources,
 )
-from scalebio.llm.data.tokenizer import load_tokenizer
 from scalebio.llm.loop.losses import val_partial_sum
 from scalebio.llm.model import load_model
 from scalebio.llm.pipeline.mix_outputs import sha256_of
@@ -143,8 +143,12 @@ def held_out_specs(mix_dir: str | Path, specs: list[SourceSpec]
     if not manifest.is_file():
         raise FileNotFoundError(f"--held-out {folder}: no manifest.json (not a `scalebio mix` "
                                 "output folder)")
-    doc = json.loads(manifest.read_text(encoding="utf-8"))
-    table = doc.get("held_out")
+    try:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--held-out {manifest}: not valid JSON ({e}); re-run scalebio mix") \
+            from None
+    table = doc.get("held_out") if isinstance(doc, dict) else None
     if not isinstance(table, dict):
         raise ValueError(f"--held-out {manifest}: no 'held_out' entry (re-run scalebio mix)")
     hashes = {e["name"]: e["sha256"] for e in doc.get("sources", [])}
@@ -190,19 +194,27 @@ def evaluate(model_dir: str | Path, cfg: Config, out: Path, *, max_examples: int
         raise FileNotFoundError(f"--model {folder}: not a saved model folder (no config.json)")
     if max_examples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_examples, max_new_tokens and batch_size must be >= 1")
-    outputs.prepare_out_dir(out, resume=False, overwrite=overwrite)
+    # everything that needs no data is checked before the output folder is touched
     has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(str(folder) if has_tok else (cfg.model.tokenizer or str(folder)))
+    tokenizer = preflight.load_tokenizer_checked(
+        str(folder) if has_tok else (cfg.model.tokenizer or str(folder)), "--model tokenizer")
+    preflight.check_model(cfg, tokenizer, folder=str(folder), lisa=False)
+    train_specs, val_specs, skipped = cfg.data.source_specs(), cfg.data.validation_specs(), {}
+    preflight.check_paths([*train_specs, *val_specs], ["source"] * len(train_specs)
+                          + ["validation file"] * len(val_specs))
+    inputs = [folder, *(Path(s.path) for s in [*train_specs, *val_specs])]
+    if held_out is not None:
+        train_specs, skipped = held_out_specs(held_out, train_specs)
+        inputs.append(Path(held_out))
+    outputs.prepare_out_dir(out, resume=False, overwrite=overwrite, inputs=inputs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(path=str(folder), dtype=cfg.model.dtype,
                        trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
-    train_specs, val_specs, skipped = cfg.data.source_specs(), cfg.data.validation_specs(), {}
-    if held_out is not None:
-        train_specs, skipped = held_out_specs(held_out, train_specs)
     # load_sources wants a training list; if every source was skipped, the validation list
     # stands in and its training part goes unused (jobs below come from train_specs).
-    data = load_sources(train_specs or val_specs, val_specs, tokenizer, cfg.data.max_length,
-                        cfg.data.cache_dir or str(out / "cache"))
+    with checks.diagnosed([*train_specs, *val_specs], cfg.data.max_length):
+        data = load_sources(train_specs or val_specs, val_specs, tokenizer, cfg.data.max_length,
+                            cfg.data.cache_dir or str(out / "cache"), num_proc=cfg.data.num_proc)
     pad = tokenizer.pad_token_id
     jobs = [(s, "source", data.train[i], list(range(len(data.train[i]))))
             for i, s in enumerate(train_specs)]
@@ -228,6 +240,7 @@ def evaluate(model_dir: str | Path, cfg: Config, out: Path, *, max_examples: int
            "held_out": None if held_out is None else str(Path(held_out).resolve()),
            "skipped": skipped, "sets": sets}
     outputs.atomic_write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    run_folder.finish(out)
     return doc
 
 

@@ -44,6 +44,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
+from scalebio.llm import outputs
+from scalebio.llm.data import checks
 from scalebio.llm.data.conversations import DataError, to_messages
 from scalebio.llm.data.sources import SourceSpec, _read_records  # the exact reader `reweight` uses
 from scalebio.llm.pipeline.mix_outputs import sha256_of, write_mixture
@@ -138,7 +140,10 @@ def sources_from_config(raw: dict, origin: str, base: Path) -> list[SourceSpec]:
             raise MixError(f"{key}: unknown field(s) {sorted(unknown)}")
         path = Path(str(entry["path"])).expanduser()
         path = path if path.is_absolute() else (base / path).resolve()
-        spec = SourceSpec(str(entry["name"]), str(path), str(entry.get("format", "alpaca")))
+        try:
+            spec = SourceSpec(str(entry["name"]), str(path), str(entry.get("format", "alpaca")))
+        except DataError as e:  # an empty name, an unknown format
+            raise MixError(f"{key}: {e}") from None
         if spec.name in seen:
             raise MixError(f"{key}: duplicate source name {spec.name!r}")
         seen.add(spec.name)
@@ -186,9 +191,10 @@ def count_records(spec: SourceSpec) -> int:
     if not path.exists():
         raise DataError(f"{path}: source {spec.name!r}: no such file or folder")
     n = 0
-    for loc, record in _read_records(path):
-        to_messages(record, spec.format, loc)
-        n += 1
+    with checks.diagnosed([spec], max_length=0):  # a byte that is not UTF-8: file and line
+        for loc, record in _read_records(path):
+            to_messages(record, spec.format, loc)
+            n += 1
     if n == 0:
         raise DataError(f"{path}: source {spec.name!r} is empty (no records)")
     return n
@@ -215,9 +221,7 @@ def _check_out(out: Path, overwrite: bool, protected: list[Path]) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise MixError(f"--out {out}: folder exists and is not empty; pass --overwrite")
-        inside = [str(p) for p in protected if p == out or out in p.parents]
-        if inside:
-            raise MixError(f"--out {out}: --overwrite would delete inputs inside it: {inside}")
+        outputs.refuse_deleting_inputs(out, overwrite, protected, MixError)
 
 
 def mix(weights_path: str | os.PathLike, out: str | os.PathLike, num_examples: int, *,

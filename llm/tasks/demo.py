@@ -8,19 +8,21 @@ the corruption rate rises and ``clean`` ends on top.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
+import yaml
 from scipy.stats import spearmanr
 
 from scalebio.llm import outputs
-from scalebio.llm.config import config_from_dict
+from scalebio.llm.config import load_config
 from scalebio.llm.model import TINY_LLAMA
 from scalebio.llm.tasks.demo_data import load_smollm2, smollm2_available, write_demo_sources
 
 # Defaults validated over seeds (see README, "The demo"): α = 1 with AdamW steps of 1e-3 for u
-# and w and 5e-2 for λ. Larger α with the same steps was unstable in calibration (method.md §9:
-# under Adam, α mostly sets the validation share of w's update).
+# and w and 5e-2 for λ. Larger α with the same steps was unstable in calibration (docs/method.md,
+# pitfall 9: under Adam, α mostly sets the validation share of w's update).
 DEMO_BILEVEL = {
     "alpha": 1.0,
     "lr_u": 1e-3,
@@ -55,6 +57,26 @@ def demo_config(data: dict, steps: int, seed: int, per_source: int = 16, threads
         raw["bilevel"].update(SMOLLM2_BILEVEL)
         raw["lisa"] = dict(SMOLLM2_LISA)
     return raw
+
+
+def write_demo_config(out: Path, raw: dict) -> Path:
+    """Write ``out/config.yaml``: the demo's run, with data paths relative to ``out``.
+
+    The config loader resolves relative paths against the config file's folder, so the file
+    works wherever ``out`` is moved to and from an installed package, where the shipped
+    ``llm/configs/tiny_cpu.yaml`` (relative to the source checkout) points nowhere.
+    """
+    base = out.resolve()
+    raw = copy.deepcopy(raw)
+    for entry in [*raw["data"]["sources"], *raw["data"]["validation"]]:
+        entry["path"] = Path(entry["path"]).resolve().relative_to(base).as_posix()
+    path = out / "config.yaml"
+    header = (
+        "# Written by `scalebio demo`: the run it made. Data paths are relative to this file.\n"
+        f"# Launch:  scalebio reweight --config {path} --out runs/again\n"
+    )
+    outputs.atomic_write_text(path, header + yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def summarize(weights: dict[str, float], rates: dict[str, float]) -> dict:
@@ -99,9 +121,10 @@ def run_demo(
         smol = load_smollm2(cache_dir or Path.home() / ".cache" / "scalebio")
     outputs.prepare_out_dir(out, resume=False, overwrite=overwrite)
     data = write_demo_sources(out / "data", seed=seed, n_train_per_source=n_train, n_val=200)
-    raw = demo_config(data, steps, seed, per_source, threads, smollm2_path=smol)
-    raw["data"]["cache_dir"] = str(out / "cache")
-    cfg = config_from_dict(raw, "demo")
+    config_path = write_demo_config(out, demo_config(data, steps, seed, per_source, threads,
+                                                     smollm2_path=smol))
+    # the run reads back the file it wrote, so config.yaml is exactly what the demo ran
+    cfg, raw = load_config(config_path, ["--data.cache_dir", str(out / "cache")])
     doc = reweight(cfg, out / "run", progress=progress, raw_config=raw)
     rates = data["corruption_rates"]
     summary = summarize(doc["averaged_weights"], rates)
@@ -119,6 +142,7 @@ def run_demo(
         f"{summary['spearman_corrupted']:+.2f};  clean on top: {summary['clean_highest']}"
     )
     print(f"outputs: {out / 'run'} (weights.json, trajectory.csv, weights.png, losses.png)")
+    print(f"again, from its config: scalebio reweight --config {config_path} --out OUT")
     return summary
 
 

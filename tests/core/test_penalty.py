@@ -44,7 +44,7 @@ def test_surrogate_gradients_are_the_minimax_directions(seed, alpha):
 
 
 def test_reweighting_direction_matches_softmax_jacobian_formula():
-    # g_θ,k = α π_k [Δ_k − Σ_j π_j Δ_j], Δ = ℓ̄(y) − ℓ̄(z)  (method.md §2.1)
+    # g_θ,k = α π_k [Δ_k − Σ_j π_j Δ_j], Δ = ℓ̄(y) − ℓ̄(z)  (docs/method.md §3)
     g = torch.Generator().manual_seed(3)
     theta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
     ly, lz = (

@@ -31,6 +31,7 @@ from scalebio.llm.baselines import (
 from scalebio.llm.baselines.less import head_gradients
 from scalebio.llm.config import ConfigError
 from scalebio.llm.data.tokenizer import char_vocab
+from scalebio.llm.loop.setup import load_run_model
 from scalebio.llm.tasks.demo_data import corrupt_name, write_demo_sources
 
 PROJ_SIGMAS = 6.0  # Monte-Carlo check of E⟨Pᵀa, Pᵀb⟩ = ⟨a, b⟩: 6 standard deviations of one draw
@@ -231,30 +232,163 @@ def test_uniform_and_size_end_to_end(config, tmp_path):
         assert math.isclose(doc["weights"][n], usable[n] / sum(usable.values()), rel_tol=1e-12)
 
 
+# Independent references for the trained baselines. The run's models are taken from the process by
+# a global forward hook (nothing about how llm/baselines builds or holds them), told apart by what
+# they trained on, and every loss is recomputed by a plain float64 forward of one unpadded example
+# with the log-softmax written out. The run scores in float32 on padded batches: FORWARD_ATOL
+# bounds that round-off (~1e-6 on a loss of ~log 107) with margin; a wrong example, model, mask or
+# normalisation moves a loss by far more.
+FORWARD_ATOL = 1e-4
+
+
+class _ModelTap:
+    """Every causal-LM forward while active: (model, autograd on?, unpadded input rows, a copy
+    of the parameters at that moment when ``snapshot``)."""
+
+    def __init__(self, snapshot: bool = False):
+        self.snapshot, self.records = snapshot, []
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook
+
+        self.handle = register_module_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def _hook(self, module, args, kwargs, output):
+        from transformers import PreTrainedModel
+
+        if not (isinstance(module, PreTrainedModel) and hasattr(module, "lm_head")):
+            return
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        rows = [tuple(r[m.bool()].tolist()) for r, m in zip(ids, mask)]
+        state = ({k: v.detach().clone() for k, v in module.state_dict().items()}
+                 if self.snapshot and torch.is_grad_enabled() else None)
+        self.records.append((module, torch.is_grad_enabled(), rows, state))
+
+    def trained(self) -> list:
+        """(model, rows, state) of each training forward (autograd on), in call order."""
+        return [(m, rows, s) for m, grad, rows, s in self.records if grad]
+
+
+def _tokenised(config: Path):
+    """The run's tokenised sources, read through the data layer (not the baselines)."""
+    from scalebio.llm.config import load_config
+    from scalebio.llm.data.sources import load_sources
+    from scalebio.llm.data.tokenizer import load_tokenizer
+
+    cfg, _ = load_config(config)
+    tok = load_tokenizer(cfg.model.tokenizer)
+    return load_sources(cfg.data.source_specs(), cfg.data.validation_specs(), tok,
+                        cfg.data.max_length, cfg.data.cache_dir)
+
+
+@torch.no_grad()
+def _plain_loss(model64, ids, labels) -> float:
+    """ℓ = −(1/n) Σ_t log p(labels[t+1] | ids[..t]) over the n supervised targets, float64."""
+    logits = model64(input_ids=torch.tensor([list(ids)])).logits[0, :-1].double()
+    logp = logits - logits.logsumexp(-1, keepdim=True)
+    tgt = torch.tensor(list(labels)[1:])
+    keep = (tgt != -100).nonzero()[:, 0]
+    return float(-logp[keep, tgt[keep]].mean())
+
+
+def _float64(model=None, state=None):
+    """A float64 copy of ``model`` (or of a fresh TINY model holding ``state``), in eval mode."""
+    import copy
+
+    from scalebio.llm.model import load_model
+
+    if model is None:
+        model = load_model(config=TINY, seed=0)
+        model.load_state_dict(state)
+    return copy.deepcopy(model).double().eval()
+
+
 def test_doremi_end_to_end(config, tmp_path):
-    """Replays the recorded trajectory: α_t = doremi_update(α_{t-1}, λ_t) from α_0 = uniform,
-    weights = α_T, averaged_weights = mean_t α_t, and the untrained proxy has positive excess."""
-    doc = _run(config, tmp_path / "d", "doremi", "--eta", "2.0", "--smoothing", "0.01")
+    """λ_t recomputed from the models themselves: the reference is the model trained first (DoReMi
+    needs it before the proxy's first step), the proxy the other one, read at each of its training
+    forwards; the step's rows are those the proxy trained on, their sources and labels looked up
+    in the tokenised data. λ_{t,k} = Σ_{i∈k} max(ℓ_i^proxy − ℓ_i^ref, 0)/c_k, and α_t by the
+    update written out in float64 from α_0 = uniform: must match excess, weights, averages."""
+    with _ModelTap(snapshot=True) as tap:
+        doc = _run(config, tmp_path / "d", "doremi", "--eta", "2.0", "--smoothing", "0.01")
+    eta, c, k = 2.0, 0.01, 3
+    trained = tap.trained()
+    proxy = trained[-1][0]
+    ref_model = trained[0][0]
+    assert ref_model is not proxy
+    proxy_steps = [(rows, s) for m, rows, s in trained if m is proxy]
+    assert len(proxy_steps) == doc["steps"] == 2  # one micro-batch per step in this config
+    data = _tokenised(config)
+    lookup: dict[tuple, set] = {}
+    for src, d in enumerate(data.train):
+        for ids, labels in zip(d["input_ids"], d["labels"]):
+            lookup.setdefault(tuple(ids), set()).add((src, tuple(labels)))
+    ref64 = _float64(ref_model)
+    alpha, used, excess = [1.0 / k] * k, [], []
+    for rows, state in proxy_steps:
+        proxy64 = _float64(state=state)
+        gap, count = [0.0] * k, [0] * k
+        for ids in rows:
+            (src, labels), = lookup[ids]  # each trained row is one example of one source
+            count[src] += 1
+            gap[src] += max(_plain_loss(proxy64, ids, labels) - _plain_loss(ref64, ids, labels),
+                            0.0)
+        lam = [g / n if n else 0.0 for g, n in zip(gap, count)]
+        raised = [a * math.exp(eta * x) for a, x in zip(alpha, lam)]
+        alpha = [(1 - c) * r / sum(raised) + c / k for r in raised]
+        used.append(alpha)
+        excess.append(lam)
+    assert min(excess[0]) > 0  # step 0: a fresh proxy vs a trained reference
     traj = doc["trajectory"]
-    assert doc["steps"] == 2 and len(traj["weights"]) == 2 and len(traj["excess"]) == 2
-    alpha = uniform_weights(3)
-    for w_t, lam_t in zip(traj["weights"], traj["excess"]):
-        alpha = doremi_update(alpha, torch.tensor(lam_t, dtype=torch.float64), 2.0, 0.01)
-        torch.testing.assert_close(torch.tensor(w_t, dtype=torch.float64), alpha)
-    assert min(traj["excess"][0]) > 0  # step 0: a fresh proxy vs a trained reference
-    torch.testing.assert_close(torch.tensor(list(doc["weights"].values()), dtype=torch.float64),
-                               alpha)
-    mean = torch.tensor(traj["weights"], dtype=torch.float64).mean(0)
-    torch.testing.assert_close(
-        torch.tensor(list(doc["averaged_weights"].values()), dtype=torch.float64), mean)
+    torch.testing.assert_close(torch.tensor(traj["excess"], dtype=torch.float64),
+                               torch.tensor(excess, dtype=torch.float64),
+                               rtol=0, atol=FORWARD_ATOL)
+    for got, want in ((traj["weights"], used), (list(doc["weights"].values()), used[-1]),
+                      (list(doc["averaged_weights"].values()),
+                       [sum(col) / len(used) for col in zip(*used)])):
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                   torch.tensor(want, dtype=torch.float64),
+                                   rtol=0, atol=FORWARD_ATOL)
 
 
 def test_rho_end_to_end(config, tmp_path):
-    doc = _run(config, tmp_path / "r", "rho", "--rule", "softmax", "--temperature", "0.5")
-    r = torch.tensor([doc["reducible_loss"][n] for n in doc["names"]], dtype=torch.float64)
-    want = torch.softmax(r / 0.5, 0).tolist()
-    assert all(math.isclose(doc["weights"][n], w, rel_tol=1e-12)
-               for n, w in zip(doc["names"], want))
+    """r_k recomputed from the models themselves: the reference is the model that trained on
+    validation rows only, the other trained on all the sources; each scores the first 4 rows
+    (--max-examples) of every source by a plain float64 forward; r_k = mean ℓ^train − mean ℓ^ref
+    and π = softmax(r/T) in float64 must match what the run wrote."""
+    t = 0.5
+    with _ModelTap() as tap:
+        doc = _run(config, tmp_path / "r", "rho", "--rule", "softmax", "--temperature", str(t))
+    data = _tokenised(config)
+    val_rows = {tuple(r) for r in data.val["input_ids"]}
+    train_rows = {tuple(r) for d in data.train for r in d["input_ids"]}
+    seen: dict[int, tuple] = {}
+    for model, rows, _ in tap.trained():
+        seen[id(model)] = (model, seen.get(id(model), (model, set()))[1] | set(rows))
+    assert len(seen) == 2, "RHO trains two models"
+    ref = [m for m, rows in seen.values() if rows <= val_rows]
+    main = [m for m, rows in seen.values() if rows <= train_rows and not rows <= val_rows]
+    assert len(ref) == len(main) == 1
+    main64, ref64 = _float64(main[0]), _float64(ref[0])
+    r = []
+    for d in data.train:
+        rows = list(zip(d["input_ids"][:4], d["labels"][:4]))
+        r.append(sum(_plain_loss(main64, i, lab) - _plain_loss(ref64, i, lab)
+                     for i, lab in rows) / len(rows))
+    e = [math.exp(x / t) for x in r]
+    want = [x / sum(e) for x in e]
+    got_r = [doc["reducible_loss"][n] for n in doc["names"]]
+    got_w = [doc["weights"][n] for n in doc["names"]]
+    for got, ref_values in ((got_r, r), (got_w, want)):
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                   torch.tensor(ref_values, dtype=torch.float64),
+                                   rtol=0, atol=FORWARD_ATOL)
 
 
 def test_less_end_to_end_with_top_p(config, tmp_path):
@@ -292,14 +426,14 @@ def test_cli_refuses_bad_input(config, tmp_path, capsys):
 
 # ---------------------------------------------------------------- training through the engine
 def _trainer_setup(config: Path, **sections):
-    from scalebio.llm.baselines import common
     from scalebio.llm.config import config_from_dict
+    from scalebio.llm.loop.setup import build_sampler, load_data
 
     raw = yaml.safe_load(config.read_text())
     raw.update(sections)
     cfg = config_from_dict(raw)
-    tokenizer, data = common.load_data(cfg, config.parent)
-    return cfg, common.make_sampler(cfg, data, tokenizer.pad_token_id)
+    tokenizer, data = load_data(cfg, config.parent)
+    return cfg, build_sampler(cfg, data, tokenizer.pad_token_id)
 
 
 def test_engine_training_equals_a_plain_adamw_loop(config):
@@ -310,10 +444,10 @@ def test_engine_training_equals_a_plain_adamw_loop(config):
     cfg, sampler = _trainer_setup(config)
     device, lr = torch.device("cpu"), 1e-2
     pi = torch.tensor([0.5, 0.3, 0.2])
-    model = common.new_model(cfg, device)
+    model = load_run_model(cfg, device)
     common.train_weighted(common.Trainer(cfg, model, lr), sampler, 3, device,
                           lambda batch, h: pi, "engine", progress=False)
-    ref = common.new_model(cfg, device)
+    ref = load_run_model(cfg, device)
     opt = torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.0)
     for step in range(3):
         loss = (pi * common.source_losses(ref, sampler.batch(step), device)).sum()
@@ -331,7 +465,7 @@ def test_lisa_trains_only_the_drawn_blocks(config):
     cfg, sampler = _trainer_setup(config, lisa={"enabled": True, "n_active": 1, "period": 5,
                                                 "train_embeddings": False, "train_head": False})
     device = torch.device("cpu")
-    model = common.new_model(cfg, device)
+    model = load_run_model(cfg, device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = common.Trainer(cfg, model, 1e-2)
     common.train_on_validation(trainer, sampler, 3, device, progress=False)  # one LISA period
@@ -348,4 +482,4 @@ def test_multi_rank_engines_are_refused(config):
 
     cfg, _ = _trainer_setup(config, engine={"kind": "ddp"})
     with pytest.raises(ConfigError, match="baselines run in one process"):
-        common.Trainer(cfg, common.new_model(cfg, torch.device("cpu")), 1e-2)
+        common.Trainer(cfg, load_run_model(cfg, torch.device("cpu")), 1e-2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers_data import alpaca_records, make_char_tokenizer, write_jsonl
 
-from scalebio.llm.data.batching import StepSampler
+from scalebio.llm.data.batching import StepSampler, batch_shape
 from scalebio.llm.data.sources import SourceSpec, load_sources
 from scalebio.llm.loop.losses import count_targets
 
@@ -139,7 +139,14 @@ def test_stratified_draws_uniformly_within_each_source(setup):
     (dict(global_batch=8), "global_batch: only for mode='uniform'"),
     (dict(mode="uniform", per_source=2, global_batch=None), "per_source: only for"),
     (dict(rank=2, world_size=2), r"rank: must lie in \[0, 2\)"),
-    (dict(micro_batches=5, world_size=2, rank=1), "cannot fill micro_batches × world_size = 10"),
+    (dict(micro_batches=5, world_size=2, rank=1),
+     "cannot fill micro_batches × world_size = 5 × 2 = 10"),
+    (dict(micro_batch_size=5, micro_batches=None), "micro_batch_size: 5 does not divide"),
+    (dict(micro_batch_size=2, micro_batches=None, world_size=4, rank=1),
+     "world_size 4: .* 6 micro-batches .* cannot be shared evenly by 4 ranks"),
+    (dict(micro_batch_size=4, micro_batches=None, val_batch=4),
+     "val_batch: 4 is not a multiple of the step's 3 micro-batches"),
+    (dict(micro_batch_size=2, micro_batches=2), "micro_batch_size and micro_batches: give one"),
     (dict(val_batch=1), "val_batch: 1 examples cannot fill"),
     (dict(pad_token_id=None), "pad_token_id"),
 ])
@@ -152,3 +159,59 @@ def test_bad_arguments_raise(setup, kw, match):
         StepSampler(data, args.pop("mode"), **args)
     with pytest.raises(ValueError, match="step: a non-negative integer"):
         _sampler(setup).batch(-1)
+
+
+@pytest.mark.parametrize("mode", ["stratified", "uniform"])
+@pytest.mark.parametrize("world, mbs", [(1, 3), (2, 3), (3, 2), (2, 6)])
+def test_micro_batch_size_gives_equal_micro_batches_and_keeps_the_global_draw(setup, mode, world,
+                                                                            mbs):
+    # B = micro_batch_size × accumulation × world: per_source 4 × 3 sources = 12 (uniform: 12)
+    kw = dict(per_source=4) if mode == "stratified" else dict(per_source=None, global_batch=12)
+    accumulation = 12 // (mbs * world)
+    single = _sampler(setup, mode, micro_batches=None, micro_batch_size=mbs, val_batch=24,
+                      **kw).batch(9)
+    for rank in range(world):
+        mine = _sampler(setup, mode, micro_batches=None, micro_batch_size=mbs, val_batch=24,
+                        rank=rank, world_size=world, **kw).batch(9)
+        assert len(mine.train) == len(mine.val) == accumulation
+        assert {m["input_ids"].shape[0] for m in mine.train} == {mbs}
+        assert {m["input_ids"].shape[0] for m in mine.val} == {24 // (12 // mbs)}
+        _same(mine.train, single.train[rank::world])  # the same global chunks, dealt round-robin
+        _same(mine.val, single.val[rank::world])
+        assert torch.equal(mine.counts, single.counts)
+
+
+def test_older_per_rank_micro_batches_split_like_the_equivalent_micro_batch_size(setup):
+    # micro_batches=M per rank on W ranks is C = M·W chunks: the same as micro_batch_size = B / C
+    old = _sampler(setup, micro_batches=2, world_size=2, rank=1, val_batch=8).batch(3)
+    new = _sampler(setup, micro_batches=None, micro_batch_size=3, world_size=2, rank=1,
+                   val_batch=8).batch(3)
+    _same(old.train, new.train)
+    _same(old.val, new.val)
+
+
+@pytest.mark.parametrize("args, shape", [
+    # (train, val, world, micro_batch_size, micro_batches) -> (accumulation, mbs, val mbs, exact)
+    ((128, 128, 8, 1, None), (16, 1, 1, True)),  # the paper: 1 × 16 × 8
+    ((24, 48, 2, 4, None), (3, 4, 8, True)),
+    ((24, 16, 2, None, None), (1, 12, 8, True)),  # no accumulation
+    ((10, 8, 2, None, 2), (2, 3, 2, False)),  # older per-rank count: near-equal chunks
+])
+def test_batch_shape_arithmetic(args, shape):
+    got = batch_shape(*args)
+    assert (got.accumulation, got.micro_batch_size, got.val_micro_batch_size, got.exact) == shape
+    if got.exact:  # the vocabulary's identity, and the validation split over the same chunks
+        assert got.train_batch == got.micro_batch_size * got.accumulation * got.world_size
+        assert got.val_batch == got.val_micro_batch_size * got.chunks
+
+
+def test_batch_shape_messages_name_the_fields_and_the_arithmetic():
+    labels = {"train": "training batch (data.global_batch)", "mbs": "data.micro_batch_size",
+              "val": "data.val_batch", "world": "data.world_size"}
+    with pytest.raises(ValueError, match=r"data.world_size 5: the training batch "
+                       r"\(data.global_batch\) of 24 = 24 micro-batches of "
+                       r"data.micro_batch_size 1 cannot be shared evenly by 5 ranks"):
+        batch_shape(24, 24, 5, 1, labels=labels)
+    with pytest.raises(ValueError, match=r"data.val_batch: 16 is not a multiple of the step's 24 "
+                       r"micro-batches .* \(e.g. data.val_batch 24\)"):
+        batch_shape(24, 16, 1, 1, labels=labels)

@@ -136,14 +136,14 @@ def test_failing_stage_is_named(tmp_path, capsys):
         "data": {"sources": [{"name": "gone", "path": "data/missing.jsonl", "format": "alpaca"}],
                  "validation": [{"name": "val", "path": "data/val.jsonl", "format": "alpaca"}]},
     }))
-    # uniform needs no data for its weights, so the missing file is first read by mix.
-    with pytest.raises(CompareError, match=r"method 'uniform', seed 3, stage 'mix'"):
+    # every run checks that its data files exist before it starts: the first stage names it
+    with pytest.raises(CompareError, match=r"method 'uniform', seed 3, stage 'weights'"):
         compare(tmp_path / "out", config_path=config, methods=("uniform",), seeds=(3,),
                 settings=TINY, progress=False)
     code = scalebio_main(["compare", "--out", str(tmp_path / "out2"), "--config", str(config),
                           "--methods", "uniform", "--seeds", "3", "--no-progress"])
     assert code == 1
-    assert "stage 'mix'" in capsys.readouterr().err
+    assert "stage 'weights'" in capsys.readouterr().err
 
 
 def test_more_rows_than_data_without_upsampling_is_refused_before_training(tmp_path, capsys):

@@ -1,9 +1,11 @@
-"""DeepSpeed ZeRO-2/3 engine with LISA: 1 rank in-process (gloo) and one 2-rank subprocess test."""
+"""DeepSpeed ZeRO-2/3 engine with LISA: 1 rank in-process (gloo) and one 2-rank subprocess test;
+the supported-release gate and the scoping of the DeepSpeed workarounds (docs/engines.md)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -29,7 +31,9 @@ SCHED = {"u": [[0], [0], [2], [2], [0], [0]], "w": [[1, 3], [1, 3], [2], [2], [1
 # ZeRO-3 keeps params under the persistence threshold gathered: 100 splits norms from matrices.
 ZERO = {"reduce_bucket_size": 2**20, "allgather_bucket_size": 2**20,
         "stage3_prefetch_bucket_size": 2**20, "stage3_param_persistence_threshold": 100}
-BYTES_SLACK = 0.01  # the issue's bound; covers DeepSpeed's partition padding and `step` scalars
+# LISA state may exceed (persistent + active share) of the all-blocks state by 1% of the latter:
+# room for DeepSpeed's partition padding and `step` scalars, far below one block (~10% here).
+BYTES_SLACK = 0.01
 LEAK_SWITCHES = 12
 # ZeRO-3 computes fp32 grads in another summation order (≤ 5e-8 apart, measured with SGD), which
 # AdamW's m/(√v + ε) can amplify on near-zero grads. Measured over the 6 steps: loss 9.5e-7,
@@ -41,6 +45,16 @@ Z3_WEIGHT_TOL = 1e-4
 OFFLOAD_WEIGHT_TOL = 1e-4
 NORM_RTOL = 1e-6  # ZeRO sums squares per flat partition, torch per tensor: another order
 CLIP_RTOL = 1e-6  # ZeRO scales grads by 1/((‖g‖+1e-6)/c), torch by c/(‖g‖+1e-6): 1 ulp apart
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_switches():
+    """Each LISA switch ends in gc.collect(): skip the objects alive before this module's tests
+    (scoped: unfrozen after them)."""
+    from scalebio.llm.engines.deepspeed_zero import frozen_gc
+
+    with frozen_gc():
+        yield
 
 
 def build(stage, spec=ADAM, lisa=LISA, seed=0):
@@ -114,6 +128,34 @@ def test_lisa_two_engines_match_plain_torch(deepspeed_dist, stage):
         assert losses == ref_losses
     else:
         torch.testing.assert_close(losses, ref_losses, rtol=0, atol=Z3_LOSS_TOL)
+
+
+# Period-2 draws of 2 blocks: block 1 stays drawn over steps 0-3 and block 2 over steps 2-5
+# (their masters and moments are carried across the rebuild), block 0 returns at step 4.
+SCHED_CARRY = [[0, 1], [0, 1], [1, 2], [1, 2], [0, 2], [0, 2]]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_block_drawn_again_keeps_its_state(deepspeed_dist, stage):
+    """Rebuild per switch, one param group per block: the trajectory matches the plain-torch
+    loop whose AdamW state survives for blocks drawn again and restarts after an absence."""
+    engine, ref, ref_state = build(stage), tiny_model("llama"), {}
+    for step, active in enumerate(SCHED_CARRY):
+        engine.set_active_blocks(active)
+        reference_lisa_step(ref, ref_state, active, LR, block_prefix(), {"weight_decay": 0.0})
+        lm_loss(engine.module, batch(step)).backward()
+        engine.step(LR, None)
+        lm_loss(ref, batch(step)).backward()
+        reference_step(ref_state, LR, None)
+        if step == 3:  # blocks 1 and 2 (groups 1 and 2): 4 and 2 steps of moments
+            steps = [int(g["state"]["step"]) for g in engine.state_dict()["groups"]]
+            assert steps[-2:] == [4, 2], steps
+    now = engine.full_model_state_dict()
+    for name, value in ref.state_dict().items():
+        if stage == 2:  # same fp32 ops in the same order: bit-exact
+            assert torch.equal(now[name], value), name
+        else:  # a lost or stale moment is an Adam step (lr = 1e-3) off: ≥ 10 × the tolerance
+            torch.testing.assert_close(now[name], value, rtol=0, atol=Z3_WEIGHT_TOL, msg=name)
 
 
 def _persistent_entry(engine) -> dict:
@@ -261,7 +303,11 @@ def test_offload_lisa_matches_torch_and_round_trips(deepspeed_dist, stage):
 
 
 def test_bad_arguments_are_named():
-    from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine, deepspeed_config
+    from scalebio.llm.engines.deepspeed_zero import (
+        FORMAT,
+        build_deepspeed_engine,
+        deepspeed_config,
+    )
 
     with pytest.raises(ValueError, match="zero_stage"):
         deepspeed_config(1, False, False)
@@ -275,11 +321,92 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="out of range"):
         engine.set_active_blocks([7])
     with pytest.raises(KeyError, match="missing the field"):
-        engine.load_state_dict({"format": "scalebio-deepspeed-v1", "zero_stage": 2})
-    bad = {"format": "scalebio-deepspeed-v1", "zero_stage": 3, "world_size": 1, "active": None,
+        engine.load_state_dict({"format": FORMAT, "zero_stage": 2})
+    bad = {"format": FORMAT, "zero_stage": 3, "world_size": 1, "active": None,
            "params": {}, "groups": []}
     with pytest.raises(ValueError, match="zero_stage"):
         engine.load_state_dict(bad)
+    with pytest.raises(ValueError, match="format"):  # v1 held all active blocks in one group
+        engine.load_state_dict({**bad, "format": "scalebio-deepspeed-v1", "zero_stage": 2})
+
+
+@pytest.mark.parametrize("version", ["0.16.9", "0.19.3", "0.20.0", "0.20.0rc1", "1.0.0", "dev"])
+def test_unsupported_deepspeed_is_refused(version, monkeypatch):
+    """The workarounds touch DeepSpeed internals checked on one range of releases only; outside
+    it they could silently do nothing, so building an engine there fails, naming the range."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine, check_deepspeed_version
+
+    with pytest.raises(RuntimeError, match=r"deepspeed>=0\.19\.4,<0\.20\.0"):
+        check_deepspeed_version(version)
+    monkeypatch.setattr(deepspeed, "__version__", version)
+    with pytest.raises(RuntimeError, match=f"deepspeed {re.escape(version)} is not supported"):
+        build_deepspeed_engine(tiny_model("llama"), ADAM, LISA, 2)
+
+
+def test_installed_deepspeed_is_supported():
+    """Fails loudly (with the supported range) when the environment has another DeepSpeed."""
+    pytest.importorskip("deepspeed")
+    from scalebio.llm.engines.deepspeed_zero import check_deepspeed_version
+
+    check_deepspeed_version()
+    for version in ("0.19.4", "0.19.8+cu124", "0.19.99"):
+        assert check_deepspeed_version(version) == version
+
+
+def test_pyproject_pin_is_the_supported_range():
+    """pip must not install a DeepSpeed that building an engine would then refuse."""
+    from scalebio.llm.engines.deepspeed_zero import SUPPORTED_DEEPSPEED
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    pin = re.search(r'"deepspeed>=([0-9.]+),<([0-9.]+)"', text)
+    assert pin, "pyproject.toml: no deepspeed>=…,<… pin in the llm extra"
+    lo, hi = ((tuple(int(x) for x in v.split(".")) + (0, 0))[:3] for v in pin.groups())
+    assert (lo, hi) == SUPPORTED_DEEPSPEED
+
+
+def test_workarounds_stay_scoped(deepspeed_dist):
+    """The shm-op skip lasts only while the comm backend is created (the op was not built, and
+    DeepSpeed's builder is back), and the backward-prologue patch sits on the engine instance,
+    not on DeepSpeedEngine."""
+    import importlib
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    assert comm_torch.build_shm_op.__qualname__ == "build_shm_op"  # DeepSpeed's own function
+    if get_accelerator().device_name() == "cpu":
+        assert deepspeed_dist.comm.comm.cdb.shm_comm_op is None
+    original = DeepSpeedEngine._backward_prologue
+    ds = build(2).module
+    assert DeepSpeedEngine._backward_prologue is original
+    assert ds._backward_prologue.__qualname__.endswith("prologue_once_per_backward.<locals>.once")
+
+
+def test_frozen_gc_is_scoped_and_leaves_other_freezes_alone():
+    """gc.freeze() is process-wide: frozen_gc() undoes its own on exit, and is a no-op inside
+    someone else's freeze (a subprocess: this module runs inside a frozen_gc block)."""
+    code = (
+        "import gc, json\n"
+        "from scalebio.llm.engines.deepspeed_zero import frozen_gc\n"
+        "out = {'start': gc.get_freeze_count()}\n"
+        "with frozen_gc():\n"
+        "    out['inside'] = gc.get_freeze_count()\n"
+        "out['after'] = gc.get_freeze_count()\n"
+        "gc.freeze()\n"
+        "theirs = gc.get_freeze_count()\n"
+        "with frozen_gc():\n"
+        "    out['nested'] = gc.get_freeze_count() - theirs\n"
+        "out['theirs_after'] = gc.get_freeze_count() - theirs\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["start"] == 0 and out["inside"] > 0 and out["after"] == 0, out
+    assert out["nested"] == 0 and out["theirs_after"] == 0, out
 
 
 def test_deepspeed_two_ranks(tmp_path: Path):
@@ -295,3 +422,5 @@ def test_deepspeed_two_ranks(tmp_path: Path):
     for stage in ("2", "3"):
         assert result[stage]["parity_max_rel"] <= result["tolerance"], result
         assert result[stage]["bytes_ratio"] <= result[stage]["bytes_bound"], result
+    # ZeRO-3 built partitioned from a deferred model = today's path, every local partition
+    assert result["deferred_same"] == [[True] * 3] * 2, result

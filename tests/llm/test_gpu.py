@@ -12,7 +12,7 @@ from torch.testing import assert_close
 import scalebio as sb
 from scalebio.llm.engines.engine import OptimizerSpec
 from scalebio.llm.engines.lisa import LisaConfig
-from scalebio.llm.engines.torch_ddp import build_single_engine
+from scalebio.llm.engines.torch_engine import build_single_engine
 from scalebio.llm.loop.step import Combine, bilevel_step
 
 pytestmark = [

@@ -156,3 +156,17 @@ def test_draw_is_uniform_over_blocks():
     p = cfg.n_active / blocks
     sigma = math.sqrt(windows * p * (1 - p))
     assert (counts - windows * p).abs().max() <= UNIFORM_SIGMAS * sigma
+
+
+def test_a_disabled_config_is_no_lisa(models):
+    """``enabled: false`` means what ``None`` means, for the layout and for the engine: every
+    block and the embeddings/head train, whatever the other fields say."""
+    from scalebio.llm.engines.engine import OptimizerSpec
+    from scalebio.llm.engines.torch_engine import build_single_engine
+
+    model = models["llama"]
+    off = LisaConfig(enabled=False, n_active=1, train_embeddings=False, train_head=False)
+    assert lisa_layout(model, off) == lisa_layout(model, None)
+    engine = build_single_engine(tiny_model("llama"), OptimizerSpec(), off)
+    assert engine.opt.active is None  # no draw needed: every block is trainable
+    assert all(p.requires_grad for p in engine.module.parameters())

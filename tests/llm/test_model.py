@@ -160,3 +160,80 @@ def test_tiny_llama_matches_char_tokenizer():
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert loss == pytest.approx(math.log(len(tokenizer)), abs=INIT_LOSS_ATOL)
+
+
+# Checkpointed and plain backward run the same float64 kernels on the same inputs (the recompute
+# repeats the forward exactly, dropout included), so they agree to round-off: measured 0 (bitwise);
+# 1e-13 allows a reordered reduction in some kernel without hiding a missing or doubled term.
+CKPT_TOL = 1e-13
+
+
+@pytest.mark.parametrize("train_embeddings", [True, False])
+def test_gradient_checkpointing_gives_the_same_grads_under_lisa(train_embeddings, monkeypatch):
+    from scalebio.llm.engines.engine import OptimizerSpec
+    from scalebio.llm.engines.lisa import LisaConfig
+    from scalebio.llm.engines.torch_engine import build_single_engine
+
+    ids = torch.randint(0, 107, (2, 12), generator=torch.Generator().manual_seed(4))
+    lisa = LisaConfig(n_active=1, train_embeddings=train_embeddings, train_head=True)
+    grads, calls = [], []  # calls: MLP forwards of blocks 0 and 1 per run (inside the checkpoint)
+    for checkpointing in (False, True):
+        model = load_model(config=SMALL_LLAMA, seed=3, gradient_checkpointing=checkpointing)
+        model = model.double()
+        engine = build_single_engine(model, OptimizerSpec("sgd"), lisa)
+        engine.set_active_blocks([1])  # block 0 frozen
+        # count MLP forwards by patching the class: HF's recompute does not run module hooks
+        mlps = [model.model.layers[i].mlp for i in (0, 1)]
+        count = {id(m): 0 for m in mlps}
+        forward = type(mlps[0]).forward
+
+        def counting(self, *args, _forward=forward, _count=count, **kwargs):
+            _count[id(self)] = _count.get(id(self), 0) + 1
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(mlps[0]), "forward", counting)
+        model(input_ids=ids, labels=ids).loss.backward()
+        monkeypatch.undo()
+        calls.append([count[id(m)] for m in mlps])
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    # Checkpointing recomputes the active block in backward, even when nothing below it needs a
+    # grad (the case a reentrant checkpoint gets wrong); block 0 is recomputed only when the
+    # backward must pass through it to reach trainable embeddings.
+    assert calls == [[1, 1], [2 if train_embeddings else 1, 2]]
+    plain, ckpt = grads
+    assert plain.keys() == ckpt.keys()
+    assert any(k.startswith("model.layers.1.") for k in plain)
+    assert not any(k.startswith("model.layers.0.") for k in plain)
+    assert ("model.embed_tokens.weight" in plain) == train_embeddings
+    for k in plain:
+        assert float(plain[k].abs().max()) > 0, k
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=0, atol=CKPT_TOL, msg=k)
+
+
+def test_attention_implementation_is_applied(monkeypatch):
+    model = load_model(config=SMALL_LLAMA, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    assert load_model(config=SMALL_LLAMA).is_gradient_checkpointing is False
+    monkeypatch.setattr("scalebio.llm.model._flash_attn_installed", lambda: False)
+    with pytest.raises(ValueError, match="attn_implementation: flash_attention_2 needs"):
+        load_model(config=SMALL_LLAMA, attn_implementation="flash_attention_2")
+
+
+def test_model_args_memory_options(monkeypatch):
+    import importlib.util
+
+    from scalebio.llm.config import ConfigError, ModelArgs
+
+    base = {"config": SMALL_LLAMA, "tokenizer": "char"}
+    args = ModelArgs(**base)
+    assert args.gradient_checkpointing is False and args.attn_implementation == "sdpa"
+    assert ModelArgs(**base, attn_implementation="eager").attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="model.attn_implementation: expected sdpa"):
+        ModelArgs(**base, attn_implementation="flash")
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing"):
+        ModelArgs(**base, gradient_checkpointing="yes")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 needs"):
+        ModelArgs(**base, attn_implementation="flash_attention_2")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,15 +13,10 @@ import pytest
 import yaml
 from test_reweight import TINY  # noqa: E402  (tests/llm is on sys.path under pytest)
 
+from scalebio.llm.loop.setup import free_port
 from scalebio.llm.tasks.demo_data import write_demo_sources
 
 DIST_TOL = 1e-5  # float32 sums in a different order across ranks; trajectories of 4 steps
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 ENGINES = [
@@ -55,7 +49,7 @@ def test_two_ranks_match_one_rank(tmp_path, engine):
     two = tmp_path / "two"
     # micro_batches counts per rank: 2 ranks × 1 micro-batch = the same 2 chunks as above
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "scalebio", "reweight", "--config", str(cfg),
+           "--master_port", str(free_port()), "-m", "scalebio", "reweight", "--config", str(cfg),
            "--out", str(two), "--no-progress", "--data.micro_batches", "1", *engine]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -77,7 +71,7 @@ def test_single_engine_refuses_several_ranks(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "scalebio", "reweight", "--config", str(cfg),
+           "--master_port", str(free_port()), "-m", "scalebio", "reweight", "--config", str(cfg),
            "--out", str(tmp_path / "out"), "--no-progress"]
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=300)

@@ -128,7 +128,7 @@ def test_errors(setup, tmp_path):
     with pytest.raises(OutputError, match="not empty"):
         sft(cfg, mixture, tmp_path / "busy", progress=False)
     inside = write_mixture(tmp_path / "busy" / "m.jsonl", files["sources"][0]["path"])
-    with pytest.raises(OutputError, match="would delete the mixture"):
+    with pytest.raises(OutputError, match="would delete inputs"):
         sft(cfg, inside, tmp_path / "busy", overwrite=True, progress=False)
     with pytest.raises(OutputError, match="no checkpoints"):
         sft(cfg, mixture, tmp_path / "busy", resume=True, progress=False)

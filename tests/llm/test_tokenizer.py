@@ -1,4 +1,5 @@
-"""Tests of the offline character tokenizer, its chat template and the tokenizer loader."""
+"""Tests of the offline tokenizers (character, byte-level BPE), their chat templates and the
+tokenizer loader."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scalebio.llm.data.tokenizer import (
+    BPE_SPECIAL_TOKENS,
     CHAR_CHAT_TEMPLATE,
     CHAR_SPECIAL_TOKENS,
     DEFAULT_ALPHABET,
+    bpe_tokenizer,
     char_tokenizer,
     char_vocab,
     load_tokenizer,
@@ -126,3 +129,39 @@ def test_custom_alphabet():
     assert tokenizer("z")["input_ids"] == [tokenizer.unk_token_id]
     with pytest.raises(ValueError, match="alphabet"):
         char_tokenizer("")
+
+
+# ---------------------------------------------------------------- byte-level BPE
+
+
+_CORPUS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 20
+_SHARED_BPE = bpe_tokenizer(_CORPUS, 300)  # read-only, shared like _SHARED above
+
+
+def test_bpe_training_is_deterministic_and_learns_merges():
+    first, second = bpe_tokenizer(_CORPUS, 300), bpe_tokenizer(_CORPUS, 300)
+    assert first.get_vocab() == second.get_vocab()
+    # frequent words became single tokens (a merge-free byte tokenizer would need 3 or more)
+    assert len(first("the cat")["input_ids"]) == 2
+    assert [first.convert_tokens_to_ids(t) for t in BPE_SPECIAL_TOKENS] == [0, 1, 2]
+
+
+@settings(derandomize=True, deadline=None, max_examples=40)
+@given(st.text(max_size=60))
+def test_bpe_round_trips_any_text(text):
+    tokenizer = _SHARED_BPE  # byte-level: every string, emoji and control characters included
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_bpe_chat_template_is_chatml_and_prefix_stable():
+    tokenizer = _SHARED_BPE
+    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 37 + 58?"
+                    "<|im_end|>\n<|im_start|>assistant\n95<|im_end|>\n")
+    prompt = tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False,
+                                           add_generation_prompt=True)
+    assert text.startswith(prompt) and prompt.endswith("<|im_start|>assistant\n")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.eos_token_id) == 3  # <|im_end|> is one token, never split

@@ -102,7 +102,9 @@ def reference_lisa_step(model, state: dict, active: list[int], lr: float, prefix
     """Switch a plain-torch LISA optimizer to ``active`` (kept if unchanged) — the reference.
 
     ``state`` holds ``{"opt": AdamW | None, "active": list | None}``. Active blocks and every
-    non-block parameter train; the non-block params keep their AdamW state across switches.
+    non-block parameter train; a param trainable before and after a switch (non-block params,
+    blocks drawn again) keeps its AdamW state, a block that comes back after an absence starts
+    fresh.
     """
     if state.get("active") == active:
         return
@@ -120,7 +122,7 @@ def reference_lisa_step(model, state: dict, active: list[int], lr: float, prefix
     opt = torch.optim.AdamW([{"params": persistent}, {"params": act}], lr=lr, **spec_kwargs)
     old = state.get("opt")
     if old is not None:
-        for p in persistent:
+        for p in persistent + act:
             if p in old.state:
                 opt.state[p] = old.state[p]
     state["opt"], state["active"] = opt, active

@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import block_prefix, reference_lisa_step, reference_step  # noqa: E402
 
 from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
-from scalebio.llm.engines.fsdp2 import build_fsdp2_engine  # noqa: E402
 from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for  # noqa: E402
-from scalebio.llm.engines.torch_ddp import build_single_engine  # noqa: E402
+from scalebio.llm.engines.torch_engine import (  # noqa: E402
+    build_fsdp2_engine,
+    build_single_engine,
+)
 
 LR, CLIP, SEED, STEPS = 1e-3, 1.0, 4, int(sys.argv[2]) if len(sys.argv) > 2 else 12
 CFG = LisaConfig(n_active=2, period=2)

@@ -21,7 +21,7 @@ from tiny_models import block_prefix, lm_loss, tiny_model, token_batch  # noqa: 
 
 from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
 from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for  # noqa: E402
-from scalebio.llm.engines.torch_ddp import build_single_engine  # noqa: E402
+from scalebio.llm.engines.torch_engine import build_single_engine  # noqa: E402
 
 STEPS, LR, CLIP, SEED = 6, 1e-2, 0.5, 3
 CFG = LisaConfig(n_active=1, period=2)

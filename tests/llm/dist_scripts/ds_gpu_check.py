@@ -25,7 +25,10 @@ from tiny_models import block_prefix, reference_lisa_step, reference_step, tiny_
 from tiny_models import token_batch as batch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from scalebio.llm.engines.deepspeed_zero import build_deepspeed_engine, skip_cpu_shm_op  # noqa: E402
+from scalebio.llm.engines.deepspeed_zero import (  # noqa: E402
+    build_deepspeed_engine,
+    init_deepspeed_distributed,
+)
 from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
 from scalebio.llm.engines.lisa import LisaConfig  # noqa: E402
 
@@ -136,12 +139,10 @@ def memory(stage):
 
 
 def main():
-    if not CUDA:
-        skip_cpu_shm_op()
-    else:
+    if CUDA:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    deepspeed.init_distributed(dist_backend="nccl" if CUDA else "gloo")
+    init_deepspeed_distributed("nccl" if CUDA else "gloo")
     result = {"device": torch.cuda.get_device_name(0) if CUDA else "cpu",
               "torch": torch.__version__, "deepspeed": deepspeed.__version__}
     for stage in (2, 3):

@@ -19,9 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import block_prefix, lm_loss, tiny_model, token_batch  # noqa: E402
 
 from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
-from scalebio.llm.engines.fsdp2 import build_fsdp2_engine  # noqa: E402
 from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for  # noqa: E402
-from scalebio.llm.engines.torch_ddp import build_single_engine  # noqa: E402
+from scalebio.llm.engines.torch_engine import (  # noqa: E402
+    build_fsdp2_engine,
+    build_single_engine,
+)
 
 STEPS, LR, CLIP, SEED, SGD_LR = 6, 1e-2, 0.5, 5, 0.3
 CFG = LisaConfig(n_active=1, period=2)
