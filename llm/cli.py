@@ -1,5 +1,5 @@
-"""The LLM subcommands (reweight, demo, mix, sft, evaluate, baseline, compare): argument parsing,
-and one clear `scalebio: error: …` line with exit status 2 per user error.
+"""The LLM subcommands (reweight, plan, demo, mix, sft, evaluate, baseline, compare, agree):
+argument parsing, and one clear `scalebio: error: …` line with exit status 2 per user error.
 
 Every writing command runs inside :func:`scalebio.llm.run_folder.guard`: its config file counts
 as an input (``--overwrite`` refuses to delete it), an ``--overwrite`` that fails puts the old
@@ -52,6 +52,7 @@ def reweight_main(argv: list[str]) -> int:
         return code
     for name, w in sorted(doc["weights"].items(), key=lambda kv: -kv[1]):
         print(f"{name:<24} {w:.4f}")
+    print(doc["diagnostics"]["verdict"])
     return 0
 
 
@@ -339,4 +340,34 @@ def plan_main(argv: list[str]) -> int:
     if not plan.fits:
         return _fail(f"does not fit: {(plan.peak + plan.headroom) / 2**30:.1f} GiB needed per "
                      f"GPU, {plan.gpu_memory / 2**30:.1f} GiB available")
+    return 0
+
+
+def agree_main(argv: list[str]) -> int:
+    p = parser(
+        prog="scalebio agree",
+        description="Do runs with different seeds learn the same weights? Per source mean, std and "
+        "min/max of the final and averaged weights, pairwise Spearman rho and Kendall's W, the "
+        "top source per run; writes agreement.json, agreement.png and weights.json (the mean "
+        "weights, for scalebio mix --weights) (llm/pipeline/agree.py).",
+    )
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
+                   help="two or more folders holding weights.json (reweight or baseline runs)")
+    p.add_argument("--out", required=True, help="output folder")
+    output_flags(p)
+    args = p.parse_args(argv)
+    from scalebio.llm.pipeline.agree import AgreeError, agree
+
+    def run():
+        return agree(args.runs, Path(args.out), overwrite=args.overwrite)
+
+    doc, code = guarded(run, progress=not args.no_progress, errors=(AgreeError,))
+    if code:
+        return code
+    print(f"{'source':<24} {'mean':>8} {'std':>8} {'min':>8} {'max':>8}   (final weights)")
+    for name in doc["names"]:
+        s = doc["final"]["per_source"][name]
+        print(f"{name:<24} {s['mean']:>8.4f} {s['std']:>8.4f} {s['min']:>8.4f} {s['max']:>8.4f}")
+    print()
+    print(doc["summary"])
     return 0

@@ -242,9 +242,31 @@ class BilevelArgs:
     floor: dict | None = None  # {source: min weight}
     cap: dict | None = None  # {source: max weight}
     fixed: dict | None = None  # {source: weight} held constant
+    inner_steps_u: int = 1  # u's steps per outer step (K − 1 extra ones on fresh batches)
+    lambda_warmup_steps: int = 0  # first steps in which u and w train and λ stays put
+    # trailing steps the run diagnostics read (null: the last half of the run)
+    diagnostics_window: int | None = None
+    # stop once no weight moved by more than this over the diagnostics window (null: never)
+    stop_when_stable: float | None = None
 
     def __post_init__(self):
         _check(isinstance(self.steps, int) and self.steps >= 1, "bilevel.steps", "need ≥ 1")
+        for k, low in (("inner_steps_u", 1), ("lambda_warmup_steps", 0)):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"bilevel.{k}",
+                   f"need an integer ≥ {low}, got {v!r}")
+        _check(
+            self.diagnostics_window is None
+            or (isinstance(self.diagnostics_window, int) and self.diagnostics_window >= 2),
+            "bilevel.diagnostics_window",
+            f"need an integer ≥ 2 or null, got {self.diagnostics_window!r}",
+        )
+        _check(
+            self.stop_when_stable is None
+            or (isinstance(self.stop_when_stable, (int, float)) and self.stop_when_stable >= 0),
+            "bilevel.stop_when_stable",
+            f"need a tolerance ≥ 0 or null, got {self.stop_when_stable!r}",
+        )
         _check(
             isinstance(self.alpha, (int, float)) and 0 < self.alpha < float("inf"),
             "bilevel.alpha",

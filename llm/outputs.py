@@ -12,7 +12,7 @@ from pathlib import Path
 from scalebio.llm import run_folder
 from scalebio.llm.run_folder import OutputError
 
-TRAJECTORY_FIELDS = (  # reweight's trajectory.csv, then weight/, loss_w/, loss_u/ per source
+TRAJECTORY_FIELDS = (  # reweight's trajectory.csv, then weight/ … grad_lambda/ per source
     "step",
     "alpha",
     "lr_scale",
@@ -101,7 +101,8 @@ def write_weights_json(path: Path, names, weights, averaged, extra: dict) -> dic
 
 def reweight_fields(names) -> list[str]:
     """The columns of reweight's trajectory.csv for sources ``names``."""
-    per_source = [f"{kind}/{n}" for kind in ("weight", "loss_w", "loss_u") for n in names]
+    kinds = ("weight", "loss_w", "loss_u", "grad_lambda")  # grad_lambda: λ's gradient, per source
+    per_source = [f"{kind}/{n}" for kind in kinds for n in names]
     return list(TRAJECTORY_FIELDS) + per_source
 
 
@@ -121,8 +122,10 @@ def _save_figure(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_run(out: Path, rows: list[dict], names) -> None:
-    """weights.png (π per source vs step) and losses.png (validation, training losses, gap)."""
+def plot_run(out: Path, rows: list[dict], names, diagnostics: dict | None = None) -> None:
+    """weights.png (π per source vs step) and losses.png (validation, training losses, gap);
+    with the run's ``diagnostics`` (``scalebio.llm.loop.diagnostics.diagnose``) also
+    diagnostics.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,4 +152,57 @@ def plot_run(out: Path, rows: list[dict], names) -> None:
     axes[1].set_xlabel("step")
     axes[1].set_title("gap g(λ, w) − g(λ, u)")
     _save_figure(fig, out / "losses.png")
+    plt.close(fig)
+    if diagnostics is not None:
+        plot_diagnostics(out, rows, names, diagnostics)
+
+
+def plot_diagnostics(out: Path, rows: list[dict], names, diagnostics: dict) -> None:
+    """diagnostics.png: each check (a)–(e) at every step, over the window that ends there, with
+    its limit (dashed); the final window (the one the verdict reads) is shaded; then the verdict."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scalebio.llm.loop import diagnostics as dg
+
+    w = max(2, diagnostics["window"])
+    roll = dg.rolling(rows, names, w)
+    steps = [r["step"] for r in rows]
+    growth = [dg.loss_growth(rows[: t + 1], w) for t in range(len(rows))]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7), layout="constrained")
+    a, b, c, d, e, text = axes.ravel()
+    a.plot(steps, roll["negative_gap_fraction"])
+    a.axhline(dg.NEG_GAP_MAX, ls="--", c="k", lw=0.8)
+    a.set_title(f"(a) share of negative gaps, last {w} steps")
+    for n in names:
+        b.plot(steps, roll["snr"][n], label=n)
+    for y in (dg.SNR_MAX, -dg.SNR_MAX):
+        b.axhline(y, ls="--", c="k", lw=0.8)
+    b.set_title(f"(b) SNR of λ's gradient, last {w} steps")
+    b.legend(fontsize=7, ncol=2)
+    c.plot(steps, roll["weight_change"])
+    c.axhline(diagnostics["stable_tolerance"], ls="--", c="k", lw=0.8)
+    c.set_yscale("symlog", linthresh=1e-4)
+    c.set_ylim(bottom=0)
+    c.set_title(f"(c) largest change of π, last {w} steps")
+    d.plot(steps, [r["grad_norm_lambda"] for r in rows])
+    d.set_yscale("symlog", linthresh=1e-8)
+    d.set_ylim(bottom=0)
+    d.set_title("(d) ‖∇λ‖ (0: u and w identical)")
+    e.plot(steps, growth)
+    e.axhline(dg.LOSS_GROWTH_MAX, ls="--", c="k", lw=0.8)
+    e.set_title(f"(e) largest loss / first, last {w} steps")
+    for ax in (a, b, c, d, e):
+        if steps:
+            first = steps[-diagnostics["window"]] if diagnostics["window"] else steps[-1]
+            ax.axvspan(first, steps[-1], color="0.9", zorder=0)
+        ax.set_xlabel("step")
+    text.axis("off")
+    text.text(0, 1, textwrap.fill(diagnostics["verdict"], 60), va="top", fontsize=8,
+              transform=text.transAxes)
+    _save_figure(fig, out / "diagnostics.png")
     plt.close(fig)

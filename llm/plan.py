@@ -57,7 +57,7 @@ class Plan:
     shape: object  # scalebio.llm.data.batching.BatchShape
     data_note: str
     prediction: Prediction
-    checkpointed_activations: int  # the activation row with gradient checkpointing (display)
+    checkpointed_activations: int  # the activation row of the other checkpointing choice
     engine: str
 
     @property
@@ -162,13 +162,16 @@ def plan_run(cfg: Config, world_size: int | None = None, gpu_memory: int | str =
     pl = Placement(kind=e.kind, world=world, zero_stage=e.zero_stage, offload=e.offload,
                    weight_bytes=s, adam=cfg.bilevel.optimizer == "adamw", cuda=cuda,
                    comm_bytes=2 if e.bf16 else 4,
-                   fp32_grads=getattr(e, "fp32_grad_accum", True))
+                   fp32_grads=getattr(e, "fp32_grad_accum", True),
+                   checkpointing=cfg.model.gradient_checkpointing)
     seq = cfg.data.max_length
     train = MicroBatch(shape.micro_batch_size, seq)
     val = MicroBatch(shape.val_micro_batch_size, seq)
     pred = predict(arch, inv, pl, train, val, len(cfg.data.sources))
+    other = not pl.checkpointing  # the activation row of the other choice, for the table
     ckpt = max(x["saved"] + max(x["fwd"], x["bwd_loss"], x["bwd_layer"])
-               for x in (activations(arch, inv, mb, s, checkpointing=True) for mb in (train, val)))
+               for x in (activations(arch, inv, mb, s, checkpointing=other)
+                         for mb in (train, val)))
     del sampler
     return Plan(world, parse_memory(gpu_memory), arch, origin, inv, pl, shape, data_note, pred,
                 ckpt, e.kind if e.kind != "deepspeed" else f"deepspeed ZeRO-{e.zero_stage}")
@@ -221,9 +224,11 @@ def format_plan(plan: Plan, cfg: Config | None = None) -> str:
             if r.phase == phase:
                 lines.append(f"  {r.name:<32} {_gib(r.bytes):>8}  {r.note}")
         if phase == "backward":
-            lines.append(f"  {'(gradient checkpointing)':<32} "
-                         f"{_gib(plan.checkpointed_activations):>8}  activations if blocks were "
-                         "recomputed; the engines do not")
+            on = pl.checkpointing
+            lines.append(f"  {'(without checkpointing)' if on else '(gradient checkpointing)':<32} "
+                         f"{_gib(plan.checkpointed_activations):>8}  activations "
+                         + ("if model.gradient_checkpointing were off" if on else
+                            "with model.gradient_checkpointing: true"))
     p = plan.prediction
     lines += [
         "",

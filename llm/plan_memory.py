@@ -52,6 +52,7 @@ class Placement:
     cuda: bool = True  # GPU: foreach AdamW temporaries (CPU steps tensor by tensor)
     comm_bytes: int = 4  # DeepSpeed's communication dtype (bf16 with engine.bf16, else fp32)
     fp32_grads: bool = True  # torch engines accumulate bf16 weights' gradients in fp32
+    checkpointing: bool = False  # model.gradient_checkpointing: blocks recomputed in backward
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,8 @@ def predict(arch: Arch, inv: Inventory, pl: Placement, train: MicroBatch, val: M
         late = s * inv.block_numel  # a block's gradient before it enters the reduce bucket
     best = (-1, 0, 0, "")
     for mb, what in ((train, "training"), (val, "validation")):
-        x = activations(arch, inv, mb, s, linear_inputs=zero and pl.zero_stage == 3)
+        x = activations(arch, inv, mb, s, checkpointing=pl.checkpointing,
+                        linear_inputs=zero and pl.zero_stage == 3)
         for extra, gathered, moment in ((x["fwd"], root, "loss forward"),
                                         (x["bwd_loss"], root, "loss backward"),
                                         (x["bwd_head"], root, "head backward"),

@@ -63,7 +63,14 @@ def _plan(argv: list[str]) -> int:
     return plan_main(argv)
 
 
+def _agree(argv: list[str]) -> int:
+    from scalebio.llm.cli import agree_main
+
+    return agree_main(argv)
+
+
 COMMANDS = {
+    "agree": (_agree, "do runs with different seeds agree? spreads, rank agreement, mean weights"),
     "baseline": (_baseline, "mixture weights by uniform, size, DoReMi, RHO-LOSS or LESS"),
     "compare": (_compare, "ScaleBiO vs the baselines: weights, mix, sft, evaluate over seeds"),
     "demo": (_demo, "learn weights on a built-in task with known answers (no download)"),

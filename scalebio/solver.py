@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -47,8 +47,12 @@ class ScaleBiOConfig:
         or ``"alternating"`` (z steps first, then x and y use z_{t+1}).
       alpha_schedule: α_t and the learning-rate factor α₀/α_t (see ``scalebio.schedules``).
       clip_x, clip_y, clip_z: max ℓ2 norm of each direction, None for no clipping.
-      x_warmup_steps: steps during which only y and z move. The x step is skipped entirely
-        rather than taken from half the gradient (docs/method.md, pitfall 10).
+      x_warmup_steps: steps during which only y and z move (λ frozen; the LLM loop calls it
+        ``lambda_warmup_steps``). The x step is skipped entirely rather than taken from half the
+        gradient (docs/method.md, pitfall 10).
+      inner_steps_z: K ≥ 1, the steps z takes per outer step (two timescales; the LLM loop calls
+        it ``inner_steps_u``). K − 1 extra z steps on fresh batches come first, then the usual
+        step; K = 1 is the single-timescale iteration, bit for bit (equations in :func:`step`).
     """
 
     alpha: float = 10.0
@@ -61,6 +65,7 @@ class ScaleBiOConfig:
     clip_y: float | None = None
     clip_z: float | None = None
     x_warmup_steps: int = 0
+    inner_steps_z: int = 1
 
     def __post_init__(self):
         if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < float("inf")):
@@ -73,6 +78,9 @@ class ScaleBiOConfig:
                 raise ValueError(f"{name}: must be > 0 or None, got {v!r}")
         if self.x_warmup_steps < 0:
             raise ValueError(f"x_warmup_steps: must be ≥ 0, got {self.x_warmup_steps}")
+        k = self.inner_steps_z
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+            raise ValueError(f"inner_steps_z: need an integer ≥ 1, got {k!r}")
 
 
 class ScaleBiOState(NamedTuple):
@@ -169,17 +177,38 @@ def _apply(opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]
 
 
 def step(problem: BilevelProblem, state: ScaleBiOState, config: ScaleBiOConfig,
-         batch: Any = None) -> tuple[ScaleBiOState, StepMetrics]:
+         batch: Any = None, inner_batches: Sequence[Any] | None = None,
+         ) -> tuple[ScaleBiOState, StepMetrics]:
     """One ScaleBiO iteration (see ``scalebio.penalty`` for the equations).
 
     Simultaneous: (d_x, d_y, d_z) all at (x_t, y_t, z_t). Alternating: z_{t+1} from d_z at
     (x_t, y_t, z_t), then d_x, d_y at (x_t, y_t, z_{t+1}). Learning rates are scaled by α₀/α_t.
+
+    Two timescales (``config.inner_steps_z`` = K > 1): z first takes K − 1 extra steps on the
+    fresh ``inner_batches`` ξ_1 … ξ_{K−1} (default: ``batch`` again, for deterministic problems),
+    at fixed (x_t, y_t),
+
+        z_t^{(i)} = z_t^{(i−1)} − η_z d_z(x_t, z_t^{(i−1)}; ξ_i),   i = 1 … K − 1,
+
+    then the step above runs from (x_t, y_t, z_t^{(K−1)}) on ``batch`` and gives z its K-th step.
+    So d_x uses z after K − 1 steps (simultaneous) or after all K (alternating); the metrics are
+    measured at (x_t, y_t, z_t^{(K−1)}). With x warm-up, x stays at x_t while
+    t < ``x_warmup_steps``.
     """
+    k = config.inner_steps_z
+    if inner_batches is None:
+        inner_batches = [batch] * (k - 1)
+    elif len(inner_batches) != k - 1:
+        raise ValueError(f"inner_batches: need inner_steps_z − 1 = {k - 1} batches, "
+                         f"got {len(inner_batches)}")
     alpha, lr_factor = config.alpha_schedule(state.step, config.alpha)
     for opt, base in zip((state.opt_x, state.opt_y, state.opt_z), state.base_lrs):
         for group, lr in zip(opt.param_groups, base):
             group["lr"] = lr * lr_factor
     px, py, pz = [state.x], _params(state.y), _params(state.z)
+    for extra in inner_batches:  # z's extra steps: only its own direction d_z is applied
+        dz = _grads(evaluate(problem, state.x, state.y, state.z, extra, alpha).surrogate, pz)
+        _apply(state.opt_z, pz, dz, config.clip_z, _norm(dz))
     terms = evaluate(problem, state.x, state.y, state.z, batch, alpha)
     dz = _grads(terms.surrogate, pz)
     nz = _norm(dz)

@@ -197,11 +197,14 @@ class StepSampler:
         self.val_n_target = torch.tensor(data.val["n_target"], dtype=torch.long)
         self.val_source = torch.tensor(data.val["source"], dtype=torch.long)
 
-    def draw(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The global draw of ``step``: (train source ids, train local indices, val indices)."""
+    def draw(self, step: int, inner: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """The global draw of ``step``: (train source ids, train local indices, val indices).
+
+        ``inner`` i ≥ 1 draws the training batch of u's i-th extra step from its own stream
+        (a pure function of (seed, step, i), so a resumed run redraws it)."""
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step: a non-negative integer is required, got {step!r}")
-        g = step_generator(self.seed, step, "train")
+        g = step_generator(self.seed, step, "train" if inner == 0 else f"train-u{inner}")
         k = len(self.sizes)
         if self.mode == "stratified":
             local = torch.cat([torch.randint(int(n), (self.per_source,), generator=g)
@@ -221,9 +224,10 @@ class StepSampler:
         chunks = torch.tensor_split(t, self.shape.chunks)
         return list(chunks[self.rank :: self.world_size])
 
-    def batch(self, step: int) -> StepBatch:
-        """This rank's micro-batches of ``step`` and the step's global counts (no communication)."""
-        sources, local, val = self.draw(step)
+    def batch(self, step: int, inner: int = 0) -> StepBatch:
+        """This rank's micro-batches of ``step`` and the step's global counts (no communication);
+        ``inner`` as in :meth:`draw`."""
+        sources, local, val = self.draw(step, inner)
         counts = torch.bincount(sources, minlength=len(self.sizes))
         val_tokens = int(self.val_n_target[val].sum())
         train = []

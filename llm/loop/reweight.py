@@ -14,9 +14,14 @@ is pulled by validation, λ = θ):
      llm/loop/step.py runs one backward after each forward (one autograd graph alive at a time).
      The backward is scaled by the world size W because the engines average gradients over ranks
      while our partial sums are already global: W · mean = sum.
-  4. θ.grad is averaged over ranks; u, w and θ step at their scheduled learning rates.
+  4. θ.grad is averaged over ranks; u, w and θ step at their scheduled learning rates (θ not
+     during the first bilevel.lambda_warmup_steps; with bilevel.inner_steps_u = K > 1, u first
+     takes K − 1 steps alone on the batches sampler.batch(t, i), i = 1 … K − 1, drawn from
+     their own streams so a resumed run redraws them; llm/loop/step.py gives the order).
   5. Log a trajectory row; checkpoint every N steps.
-At the end (rank 0): weights.json, trajectory.csv and plots.
+At the end (rank 0): weights.json, trajectory.csv and plots, with the run diagnostics and their
+verdict (``scalebio.llm.loop.diagnostics``); bilevel.stop_when_stable ends the loop early once
+the weights stop moving.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from scalebio import constant_alpha, geometric_alpha, make_simplex
 from scalebio import weights as simplex_weights
 from scalebio.llm import outputs, run_folder
 from scalebio.llm.config import Config, ConfigError
-from scalebio.llm.loop import setup
+from scalebio.llm.loop import diagnostics, setup
 from scalebio.llm.loop.step import Combine, bilevel_step
 from scalebio.llm.model import copy_model
 from scalebio.llm.plan import preflight
@@ -83,7 +88,7 @@ def reweight(
     tracker = _tracker(cfg, out, raw_config) if rank == 0 else None
 
     bar = setup.step_bar(cfg, start, "scalebio", progress, rank)
-    same = 0  # consecutive steps at which u and w were indistinguishable
+    same, stopped_at = 0, None  # steps u and w were indistinguishable; early stop's step
     for step in bar:
         t0 = time.perf_counter()
         # 1. α_t, learning rates, LISA draw
@@ -96,7 +101,9 @@ def reweight(
         clip = None if b.clip is None else b.clip * alpha
         try:
             m = bilevel_step(engines["u"], engines["w"], theta, opt_theta, batch, combine, alpha,
-                             lrs, clip, b.order, world, device)
+                             lrs, clip, b.order, world, device,
+                             [sampler.batch(step, i) for i in range(1, b.inner_steps_u)],
+                             step >= b.lambda_warmup_steps)
         except FloatingPointError as e:  # name the step and the usual cure
             _stop(out, rows, names, rank, f"step {step}: {e}; the models diverged: lower "
                   "bilevel.lr_u / bilevel.lr_w or set bilevel.clip")
@@ -122,18 +129,25 @@ def reweight(
             setup.save_run(cfg, out, done, state, engines, rank)
         if stop_after is not None and done - start >= stop_after:
             break
+        if b.stop_when_stable is not None and diagnostics.is_stable(  # the λ warm-up is no news
+                rows[b.lambda_warmup_steps:], names,
+                diagnostics.stop_window(b.steps, b.diagnostics_window), b.stop_when_stable):
+            stopped_at = step
+            break
     if tracker is not None:
         tracker.finish()
     final = simplex_weights(theta.detach().double(), combine.spec).cpu()
     averaged = weights_sum / max(1, len(rows))
+    diag = diagnostics.diagnose(rows, names, b.diagnostics_window, b.stop_when_stable, stopped_at)
     extra = {"steps": len(rows), "names": list(names), "world_size": world,
              "engine": cfg.engine.kind, "dropped_examples": dict(data.dropped),
-             "config": raw_config}
-    if rank == 0 and len(rows) == b.steps:  # a stopped run leaves only its checkpoints
+             "diagnostics": diag, "config": raw_config}
+    # a run stopped by stop_after leaves only its checkpoints; one stable early writes it all
+    if rank == 0 and (len(rows) == b.steps or stopped_at is not None):
         outputs.write_weights_json(out / "weights.json", names, final, averaged, extra)
         outputs.atomic_write_text(out / "trajectory.csv",
                                   outputs.trajectory_csv(rows, outputs.reweight_fields(names)))
-        outputs.plot_run(out, rows, names)
+        outputs.plot_run(out, rows, names, diag)
     if rank == 0:
         run_folder.finish(out)
     return {"weights": dict(zip(names, final.tolist())),
@@ -219,6 +233,7 @@ def _row(step: int, alpha: float, scale: float, m: dict, counts, names, seconds:
         row[f"weight/{n}"] = float(pi[i])
         row[f"loss_w/{n}"] = float(s[3 + i]) if present else float("nan")
         row[f"loss_u/{n}"] = float(s[3 + k + i]) if present else float("nan")
+        row[f"grad_lambda/{n}"] = float(m["grad_lambda"][i])
     return row
 
 

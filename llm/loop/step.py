@@ -13,6 +13,17 @@ that of one forward + backward (as in SFT), not three. Each piece is built by
 :func:`~scalebio.penalty.penalty_surrogate` itself (zero placeholders for the other two), so every
 sign and α still comes from there; λ's gradient α J(π)(ℓ̄(w) − ℓ̄(u)) arrives in two halves, from
 the H(w) and the H(u) pieces, and needs no model graph.
+
+**Two timescales.** With ``bilevel.inner_steps_u`` = K > 1, u first takes K − 1 extra steps
+(:func:`u_step`, λ and w fixed) on fresh batches, then the step runs as at K = 1 and gives u its
+K-th step: λ's gradient α J(π)(ℓ̄(w) − ℓ̄(u)) sees u after K − 1 steps (simultaneous) or after all
+K (alternating), exactly as ``scalebio.solver.step`` with ``inner_steps_z`` = K. During the
+λ warm-up (``bilevel.lambda_warmup_steps``) u and w train and λ does not move.
+
+**Absent sources** (``batch_mode: uniform``). A source k with c_k = 0 has ℓ̄_k(w) = ℓ̄_k(u) = 0
+in the batch, yet through the softmax Jacobian it would receive −α π_k Σ_j π_j Δ_j
+(Δ = ℓ̄(w) − ℓ̄(u)), which Adam normalises into a full-size step on no evidence about k. So its
+λ gradient is zeroed and its logit is held for that step (Adam's moments for it only decay).
 """
 
 from __future__ import annotations
@@ -66,8 +77,14 @@ def bilevel_step(
     order: str = "simultaneous",
     world: int = 1,
     device=None,
+    inner_batches=(),
+    update_lambda: bool = True,
 ) -> dict:
     """One ScaleBiO step on a sampler batch (steps 2–4 of the module docstring).
+
+    ``inner_batches``: the fresh batches of u's K − 1 extra steps (two timescales, module
+    docstring); ``update_lambda`` False during the λ warm-up (u and w step, λ does not; its
+    gradient is still formed and its norm reported).
 
     ``combine`` must be linear in the features (as :class:`Combine` is): the backward runs piece by
     piece (module docstring). Returns {"sums": [f, g_w, g_u, ℓ̄(w) (K), ℓ̄(u) (K)] of the global
@@ -80,16 +97,10 @@ def bilevel_step(
     sums = torch.zeros(3 + 2 * k, dtype=torch.float64, device=device)
     pi = combine.weights(theta.detach().double()).cpu()  # float64: sums to 1 to ~1e-16
     gn_u = float("nan")
+    for extra in inner_batches:  # two timescales: u's K − 1 extra steps, before anything else
+        gn_u = u_step(eng_u, theta, extra, combine, alpha, lr_u, clip, world, device)
     if order == "alternating":  # u first, at (λ_t, u_t); then λ and w see u_{t+1}
-        for tr in batch.train:
-            h_u = source_partial_sums(
-                per_example_loss(*_forward_losses(eng_u.module, tr, device)),
-                tr["source_ids"].to(device),
-                counts,
-            )
-            # λ detached: this pass moves u only (λ's share of H(u) comes in the main loop)
-            _piece(theta.detach(), combine, alpha, world, h_u=h_u, like=h_u)
-        gn_u = eng_u.step(lr_u, clip)
+        gn_u = u_step(eng_u, theta, batch, combine, alpha, lr_u, clip, world, device)
     for tr, va in zip(batch.train, batch.val):
         # Forwards in the order of the single-graph step (w, u, w): dropout draws are unchanged.
         src = tr["source_ids"].to(device)
@@ -120,10 +131,19 @@ def bilevel_step(
     if order == "simultaneous":
         gn_u = eng_u.step(lr_u, clip)
     gn_w = eng_w.step(lr_w, clip)
+    absent = counts.to(theta.device) == 0
+    if theta.grad is not None and bool(absent.any()):
+        theta.grad[absent] = 0  # module docstring, "Absent sources"
     gn_theta = float(theta.grad.norm()) if theta.grad is not None else 0.0
-    for group in opt_theta.param_groups:
-        group["lr"] = lr_lambda
-    opt_theta.step()
+    g_theta = (theta.grad.detach().double().cpu() if theta.grad is not None
+               else torch.zeros(k, dtype=torch.float64))  # per source, for the diagnostics
+    if update_lambda:
+        for group in opt_theta.param_groups:
+            group["lr"] = lr_lambda
+        held = theta.detach()[absent].clone()
+        opt_theta.step()
+        with torch.no_grad():
+            theta[absent] = held  # Adam's momentum would still move them
     opt_theta.zero_grad(set_to_none=True)
     return {
         "sums": sums.cpu(),
@@ -131,7 +151,24 @@ def bilevel_step(
         "grad_norm_u": gn_u,
         "grad_norm_w": gn_w,
         "grad_norm_lambda": gn_theta,
+        "grad_lambda": g_theta,
     }
+
+
+def u_step(eng_u, theta, batch, combine, alpha: float, lr_u: float, clip, world: int = 1,
+           device=None) -> float:
+    """One step of u alone on ``batch``: d_u = α ∇_u g(λ, u) at λ fixed; returns u's grad norm."""
+    device = theta.device if device is None else device
+    counts = batch.counts.to(device)
+    for tr in batch.train:
+        h_u = source_partial_sums(
+            per_example_loss(*_forward_losses(eng_u.module, tr, device)),
+            tr["source_ids"].to(device),
+            counts,
+        )
+        # λ detached: this pass moves u only (λ's share of H(u) comes in the main loop)
+        _piece(theta.detach(), combine, alpha, world, h_u=h_u, like=h_u)
+    return eng_u.step(lr_u, clip)
 
 
 class Combine:

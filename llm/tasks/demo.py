@@ -141,7 +141,9 @@ def run_demo(
         f"Spearman(corruption rate, averaged weight) over the corrupted copies: "
         f"{summary['spearman_corrupted']:+.2f};  clean on top: {summary['clean_highest']}"
     )
-    print(f"outputs: {out / 'run'} (weights.json, trajectory.csv, weights.png, losses.png)")
+    print(doc["diagnostics"]["verdict"])
+    print(f"outputs: {out / 'run'} (weights.json, trajectory.csv, weights.png, losses.png, "
+          "diagnostics.png)")
     print(f"again, from its config: scalebio reweight --config {config_path} --out OUT")
     return summary
 

@@ -143,6 +143,51 @@ def test_x_warmup_skips_the_whole_x_step():
     assert not torch.equal(state.x.detach(), x0)
 
 
+def test_x_warmup_steps_is_the_lambda_warmup():
+    """With K = 2 too, the warm-up moves y and z exactly as a run whose x has step size 0."""
+    prob, _, _, x0, y0, z0 = _quadratic(6)
+    cfg = sb.ScaleBiOConfig(alpha=3.0, x_warmup_steps=2, inner_steps_z=2)
+    frozen = sb.ScaleBiOConfig(alpha=3.0, opt_x=sb.sgd(0.0), inner_steps_z=2)
+    state, ref = sb.init(prob, x0, y0, cfg, z0=z0), sb.init(prob, x0, y0, frozen, z0=z0)
+    for _ in range(2):
+        state, _ = sb.step(prob, state, cfg)
+        ref, _ = sb.step(prob, ref, frozen)
+    assert torch.equal(state.x.detach(), x0)
+    assert torch.equal(state.y.detach(), ref.y.detach())
+    assert torch.equal(state.z.detach(), ref.z.detach())
+
+
+@pytest.mark.parametrize("order", ["simultaneous", "alternating"])
+def test_inner_steps_z_take_extra_z_steps_on_their_batches(order):
+    """K = 2: one z step on the fresh batch ξ₁ at (x0, y0), then the usual step on ξ₀."""
+    _, f, lower, x0, y0, z0 = _quadratic(7)
+    xi = torch.randn(2, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def noisy(x, y, batch):  # g(x, y; ξ) = g(x, y) − ξᵀy: the batch changes d_z
+        return lower(x, y, None) - batch @ y
+
+    prob = sb.generic_problem(f, noisy)
+    a, lx, ly, lz = 2.0, 0.1, 0.05, 0.04
+    cfg = sb.ScaleBiOConfig(alpha=a, opt_x=sb.sgd(lx), opt_y=sb.sgd(ly), opt_z=sb.sgd(lz),
+                            order=order, inner_steps_z=2)
+    state, m = sb.step(prob, sb.init(prob, x0, y0, cfg, z0=z0), cfg, xi[0], [xi[1]])
+
+    def grads(x, y, z, b):
+        x, y, z = (t.detach().clone().requires_grad_(True) for t in (x, y, z))
+        psi = f(x, y, None) + a * (noisy(x, y, b) - noisy(x, z, b))
+        return torch.autograd.grad(psi, [x, y, z])
+
+    z1 = z0 + lz * grads(x0, y0, z0, xi[1])[2]  # the extra step, on ξ₁ (z ascends on Ψ)
+    gx, gy, gz = grads(x0, y0, z1, xi[0])
+    z2 = z1 + lz * gz
+    if order == "alternating":  # x and y see z after all K = 2 steps
+        gx, gy, _ = grads(x0, y0, z2, xi[0])
+    assert_close(state.z.detach(), z2)
+    assert_close(state.x.detach(), x0 - lx * gx)
+    assert_close(state.y.detach(), y0 - ly * gy)
+    assert_close(m.hypergrad, gx)
+
+
 def test_module_variable_matches_tensor_variable():
     """Per-source losses of an nn.Linear model equal the same losses written on its weights."""
     g = torch.Generator().manual_seed(6)
@@ -211,6 +256,11 @@ def test_bad_inputs_are_named():
         sb.ScaleBiOConfig(order="gauss-seidel")
     with pytest.raises(ValueError, match="clip_y"):
         sb.ScaleBiOConfig(clip_y=-1.0)
+    with pytest.raises(ValueError, match="inner_steps_z"):
+        sb.ScaleBiOConfig(inner_steps_z=0)
+    cfg2 = sb.ScaleBiOConfig(inner_steps_z=2)
+    with pytest.raises(ValueError, match="inner_batches"):
+        sb.step(prob, sb.init(prob, x0, y0, cfg2), cfg2, None, [None, None])
     with pytest.raises(ValueError, match="z0"):
         sb.init(prob, x0, y0, sb.ScaleBiOConfig(), z0=z0[:2])
     with pytest.raises(ValueError, match="tau"):

@@ -69,7 +69,9 @@ def _reference_val(table, val_ids, val_labels):
 
 @pytest.mark.parametrize("micro_batches", [1, 3])
 @pytest.mark.parametrize("order", ["simultaneous", "alternating"])
-def test_llm_loop_reproduces_core_trajectory(micro_batches, order):
+# (1, 0): the single-timescale loop; (2, 3): u takes 2 steps per step, λ frozen for 3 steps
+@pytest.mark.parametrize("inner_steps,warmup", [(1, 0), (2, 3)])
+def test_llm_loop_reproduces_core_trajectory(micro_batches, order, inner_steps, warmup):
     ids, labels, src, val_ids, val_labels = _data()
     g = torch.Generator().manual_seed(1)
     table0 = 0.3 * torch.randn(V, V, generator=g, dtype=torch.float64)
@@ -83,7 +85,8 @@ def test_llm_loop_reproduces_core_trajectory(micro_batches, order):
         spec,
     )
     cfg = sb.ScaleBiOConfig(
-        alpha=alpha, opt_x=sb.sgd(lr_lam), opt_y=sb.sgd(lr_w), opt_z=sb.sgd(lr_u), order=order
+        alpha=alpha, opt_x=sb.sgd(lr_lam), opt_y=sb.sgd(lr_w), opt_z=sb.sgd(lr_u), order=order,
+        inner_steps_z=inner_steps, x_warmup_steps=warmup,
     )
     core = sb.run(prob, sb.init_logits(spec, torch.float64), table0, cfg, steps, progress=False)
 
@@ -117,9 +120,13 @@ def test_llm_loop_reproduces_core_trajectory(micro_batches, order):
     )
     combine = Combine(spec)
     for t in range(steps):
+        # the toy's data are deterministic: u's extra steps see the same batch as the core's
         m = bilevel_step(
-            eng_u, eng_w, theta, opt_theta, batch, combine, alpha, (lr_u, lr_w, lr_lam), None, order
+            eng_u, eng_w, theta, opt_theta, batch, combine, alpha, (lr_u, lr_w, lr_lam), None,
+            order, inner_batches=[batch] * (inner_steps - 1), update_lambda=t >= warmup,
         )
+        if t < warmup:
+            assert torch.equal(theta.detach(), torch.zeros(K, dtype=torch.float64))
         assert_close(m["weights"], core.history[t].weights, atol=PARITY_TOL, rtol=0)
         assert_close(float(m["sums"][0]), core.history[t].upper, atol=PARITY_TOL, rtol=0)
     assert_close(theta.detach(), core.state.x.detach(), atol=PARITY_TOL, rtol=0)

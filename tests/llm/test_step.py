@@ -181,6 +181,64 @@ def test_one_graph_step_matches_single_backward(micro, order):
     assert max(_max_diffs(new, ref).values()) <= GRAD_TOL
 
 
+def _batch_without(absent: int) -> StepBatch:
+    """The global batch less source ``absent``'s rows, as a uniform draw may come out (c = 0)."""
+    ids, labels, src, val_ids, val_labels = _global_batch()
+    keep = src != absent
+    train = [{"input_ids": ids[keep], "attention_mask": torch.ones_like(ids[keep]),
+              "labels": labels[keep], "source_ids": src[keep]}]
+    val = [{"input_ids": val_ids, "attention_mask": torch.ones_like(val_ids),
+            "labels": val_labels}]
+    return StepBatch(train=train, val=val, counts=torch.bincount(src[keep], minlength=K),
+                     val_tokens=int((val_labels[:, 1:] != -100).sum()))
+
+
+def test_absent_source_gets_no_lambda_gradient():
+    """Uniform batches: source 2 absent. Without the mask its λ gradient would be the softmax
+    Jacobian's −α π_2 Σ_j π_j Δ_j (Δ = ℓ̄(w) − ℓ̄(u), Δ_2 = 0); the step zeroes it and leaves the
+    present sources' entries as the reference computes them."""
+    batch = _batch_without(2)
+    new = _run(bilevel_step, batch, "simultaneous", 1)
+    ref = _run(_single_backward_step, batch, "simultaneous", 1)
+    _check_nontrivial(ref)
+    assert float(new["lambda"][2]) == 0.0
+    assert float((new["lambda"][:2] - ref["lambda"][:2]).abs().max()) <= GRAD_TOL
+    # the reference's (unmasked) entry is the closed form, and large enough for the mask to matter
+    pi = torch.softmax(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64), 0)  # uniform prior
+    delta = ref["sums"][3:3 + K] - ref["sums"][3 + K:]
+    expected = -ALPHA * pi[2] * (pi * delta).sum()
+    assert abs(float(ref["lambda"][2]) - float(expected)) <= GRAD_TOL
+    assert abs(float(expected)) > GRAD_FLOOR
+
+
+def test_absent_source_logit_holds_under_adam_momentum():
+    """AdamW would move an absent source's logit on its momentum alone; the step holds it."""
+    eng_u = _Recorder(tiny_model("llama", seed=0, dtype=torch.float64))
+    eng_w = _Recorder(tiny_model("llama", seed=1, dtype=torch.float64))
+    theta = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.AdamW([theta], lr=0.1, weight_decay=0.0)
+    combine, lrs = Combine(make_simplex(K)), (0.0, 0.0, 0.1)
+    full = _batch(torch.arange(K * PER_SOURCE), torch.arange(N_VAL), 1)
+    bilevel_step(eng_u, eng_w, theta, opt, full, combine, ALPHA, lrs, None)  # builds momentum
+    before = theta.detach().clone()
+    bilevel_step(eng_u, eng_w, theta, opt, _batch_without(2), combine, ALPHA, lrs, None)
+    after = theta.detach()
+    assert float(after[2]) == float(before[2])
+    assert float((after[:2] - before[:2]).abs().min()) > GRAD_FLOOR  # the present ones moved
+
+
+def test_lambda_warmup_leaves_lambda_and_its_optimizer_untouched():
+    eng_u = _Recorder(tiny_model("llama", seed=0, dtype=torch.float64))
+    eng_w = _Recorder(tiny_model("llama", seed=1, dtype=torch.float64))
+    theta = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.AdamW([theta], lr=0.1, weight_decay=0.0)
+    full = _batch(torch.arange(K * PER_SOURCE), torch.arange(N_VAL), 1)
+    m = bilevel_step(eng_u, eng_w, theta, opt, full, Combine(make_simplex(K)), ALPHA,
+                     (0.0, 0.0, 0.1), None, update_lambda=False)
+    assert torch.equal(theta.detach(), torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+    assert not opt.state and theta.grad is None and m["grad_norm_lambda"] > GRAD_FLOOR
+
+
 def _saved_peak(step_fn) -> int:
     """Peak bytes of tensors saved for backward and not yet released, over one step."""
     live: dict[int, int] = {}
