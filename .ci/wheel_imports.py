@@ -61,7 +61,7 @@ def main(src: Path) -> int:
                 n_data += 1
                 if not (installed / rel).is_file():
                     bad.append(f"{pkg}: package data {rel} missing from {installed}")
-    from scalebio.llm.config import load_config  # every shipped config still parses when installed
+    from scalebio.llm.config_files import load_config
 
     configs = Path(importlib.import_module("scalebio.llm").__file__).parent / "configs"
     for cfg in sorted(configs.rglob("*.yaml")):

@@ -37,7 +37,7 @@ def reweight_main(argv: list[str]) -> int:
                    help="start even when `scalebio plan` says the run does not fit the GPU")
 
     def run():
-        from scalebio.llm.config import load_config
+        from scalebio.llm.config_files import load_config
         from scalebio.llm.loop.reweight import reweight
 
         args, overrides = known_and_overrides(p, argv)
@@ -141,7 +141,7 @@ def sft_main(argv: list[str]) -> int:
     output_flags(p, resume=True)
 
     def run():
-        from scalebio.llm.config import load_config
+        from scalebio.llm.config_files import load_config
         from scalebio.llm.pipeline.sft import sft
 
         args, overrides = known_and_overrides(p, argv)
@@ -178,7 +178,7 @@ def evaluate_main(argv: list[str]) -> int:
     output_flags(p)
 
     def run():
-        from scalebio.llm.config import load_config
+        from scalebio.llm.config_files import load_config
         from scalebio.llm.pipeline.evaluate import evaluate
 
         args, overrides = known_and_overrides(p, argv)
@@ -202,7 +202,7 @@ def evaluate_main(argv: list[str]) -> int:
 
 
 def baseline_main(argv: list[str]) -> int:
-    from scalebio.llm.config import BASELINE_METHODS, BaselineArgs
+    from scalebio.llm.baselines.args import BASELINE_METHODS, BaselineArgs
 
     p = parser(
         prog="scalebio baseline",
@@ -219,7 +219,7 @@ def baseline_main(argv: list[str]) -> int:
 
     def run():
         from scalebio.llm.baselines import run_baseline
-        from scalebio.llm.config import load_config
+        from scalebio.llm.config_files import load_config
         from scalebio.llm.data.checks import read_all
 
         args, overrides = known_and_overrides(p, argv)
@@ -321,7 +321,8 @@ def plan_main(argv: list[str]) -> int:
     p.add_argument("--gpu-memory", default="80GiB",
                    help="memory of one GPU, e.g. 80GiB, 141GB (default 80GiB)")
     args, overrides = p.parse_known_args(argv)
-    from scalebio.llm.config import ConfigError, load_config
+    from scalebio.llm.config import ConfigError
+    from scalebio.llm.config_files import load_config
     from scalebio.llm.data.sources import DataError
 
     for flag, value in (("--gpus", args.gpus), ("--nodes", args.nodes)):

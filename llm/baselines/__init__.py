@@ -3,6 +3,7 @@ DoReMi, RHO-LOSS-style and LESS-style (``scalebio baseline --method ...``)."""
 
 from __future__ import annotations
 
+from scalebio.llm.baselines.args import BaselineArgs
 from scalebio.llm.baselines.common import scores_to_weights
 from scalebio.llm.baselines.doremi import clipped_excess, doremi_update
 from scalebio.llm.baselines.less import (
@@ -14,7 +15,6 @@ from scalebio.llm.baselines.less import (
 from scalebio.llm.baselines.rho import reducible_losses, rho_weights
 from scalebio.llm.baselines.run import METHODS, run_baseline
 from scalebio.llm.baselines.static import size_weights, uniform_weights
-from scalebio.llm.config import BaselineArgs
 
 __all__ = ["METHODS", "BaselineArgs", "clipped_excess", "cosine_scores", "doremi_update",
            "kronecker_projection", "reducible_losses", "rho_weights", "run_baseline",

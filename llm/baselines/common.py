@@ -1,5 +1,5 @@
 """Shared pieces of the mixture baselines: the trainer, a weighted training loop, per-example
-losses and the weights.json writer. Their options are :class:`scalebio.llm.config.BaselineArgs`.
+losses and the weights.json writer. Their options: ``BaselineArgs`` in llm/baselines/args.py.
 
 Every baseline runs in one process on one device (``engine.kind: single``; a multi-rank engine
 is refused): the baselines are references to compare ScaleBiO's weights against, sized like
@@ -19,7 +19,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from scalebio.llm import outputs
-from scalebio.llm.config import SCORE_RULES, Config, ConfigError
+from scalebio.llm.baselines.args import SCORE_RULES
+from scalebio.llm.config import Config, ConfigError
 from scalebio.llm.data.batching import StepBatch, StepSampler, collate
 from scalebio.llm.engines.engine import OptimizerSpec
 from scalebio.llm.loop.losses import per_example_loss, source_partial_sums, val_partial_sum

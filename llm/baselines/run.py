@@ -10,7 +10,8 @@ import torch
 
 from scalebio.llm import outputs
 from scalebio.llm.baselines import common, doremi, less, rho, static
-from scalebio.llm.config import BASELINE_METHODS, BaselineArgs, Config, ConfigError
+from scalebio.llm.baselines.args import BASELINE_METHODS, BaselineArgs
+from scalebio.llm.config import Config, ConfigError
 from scalebio.llm.loop.setup import build_sampler, load_data, load_run_model, start_run
 
 METHODS = BASELINE_METHODS

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from scalebio.llm import outputs
-from scalebio.llm.config import BASELINE_METHODS, config_from_dict, load_config
+from scalebio.llm.baselines.args import BASELINE_METHODS
+from scalebio.llm.config_files import config_from_dict, load_config
 from scalebio.llm.tasks.demo import demo_config
 from scalebio.llm.tasks.demo_data import write_demo_sources
 

@@ -16,7 +16,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from scalebio.llm import outputs
-from scalebio.llm.config import load_config
+from scalebio.llm.config_files import load_config
 from scalebio.llm.model import TINY_LLAMA
 from scalebio.llm.tasks.demo_data import load_smollm2, smollm2_available, write_demo_sources
 

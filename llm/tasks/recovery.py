@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from scalebio.llm import outputs
-from scalebio.llm.config import config_from_dict
+from scalebio.llm.config_files import config_from_dict
 from scalebio.llm.pipeline.mix import hamilton_counts
 from scalebio.llm.tasks.demo import demo_config
 from scalebio.llm.tasks.demo_data import (

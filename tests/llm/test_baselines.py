@@ -277,7 +277,7 @@ class _ModelTap:
 
 def _tokenised(config: Path):
     """The run's tokenised sources, read through the data layer (not the baselines)."""
-    from scalebio.llm.config import load_config
+    from scalebio.llm.config_files import load_config
     from scalebio.llm.data.sources import load_sources
     from scalebio.llm.data.tokenizer import load_tokenizer
 
@@ -426,7 +426,7 @@ def test_cli_refuses_bad_input(config, tmp_path, capsys):
 
 # ---------------------------------------------------------------- training through the engine
 def _trainer_setup(config: Path, **sections):
-    from scalebio.llm.config import config_from_dict
+    from scalebio.llm.config_files import config_from_dict
     from scalebio.llm.loop.setup import build_sampler, load_data
 
     raw = yaml.safe_load(config.read_text())

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scalebio.llm.config import ConfigError, apply_overrides, config_from_dict, load_config
+from scalebio.llm.config import ConfigError
+from scalebio.llm.config_files import apply_overrides, config_from_dict, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "llm" / "configs").glob("*.yaml"))
 

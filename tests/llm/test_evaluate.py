@@ -12,7 +12,7 @@ import torch
 from test_sft import TINY, demo_files, sft_config, write_mixture
 
 from scalebio.llm.cli import evaluate_main
-from scalebio.llm.config import config_from_dict
+from scalebio.llm.config_files import config_from_dict
 from scalebio.llm.data.tokenizer import CHAR_SPECIAL_TOKENS, char_tokenizer, char_vocab
 from scalebio.llm.model import load_model
 from scalebio.llm.outputs import OutputError

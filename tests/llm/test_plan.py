@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from scalebio.llm.config import load_config
+from scalebio.llm.config_files import load_config
 from scalebio.llm.plan import plan_run
 from scalebio.llm.plan_memory import ZERO_BUCKET, GiB, MicroBatch, predict
 

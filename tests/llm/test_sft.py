@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from scalebio.llm.cli import sft_main
-from scalebio.llm.config import config_from_dict
+from scalebio.llm.config_files import config_from_dict
 from scalebio.llm.data.sources import DataError
 from scalebio.llm.data.tokenizer import char_vocab
 from scalebio.llm.outputs import OutputError

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tiny_models import lm_loss, token_batch
 
-from scalebio.llm.config import config_from_dict
+from scalebio.llm.config_files import config_from_dict
 from scalebio.llm.engines.engine import OptimizerSpec
 from scalebio.llm.engines.lisa import LisaConfig
 from scalebio.llm.engines.materialize import ModelSource, deferred_model, source_of
