@@ -29,3 +29,22 @@ def deepspeed_dist():
     torch.set_num_threads(1)
     init_deepspeed_distributed("gloo")  # on CPU, skips the ~30 s JIT build of the shm comm op
     yield deepspeed
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A 1-rank gloo process group for in-process FSDP2/engine tests (reused if a test already
+    made one; destroyed at the end of the module only if this fixture made it)."""
+    import tempfile
+
+    import torch.distributed as dist  # imported here: OMP_NUM_THREADS is set above, before torch
+
+    created = False
+    if not dist.is_initialized():
+        store = tempfile.NamedTemporaryFile(prefix="scalebio_pg_", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        created = True
+    assert dist.get_world_size() == 1
+    yield
+    if created:
+        dist.destroy_process_group()

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,20 +41,6 @@ def test_needs_a_process_group_when_none_exists(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     with pytest.raises(ValueError, match="torch.distributed"):
         build_fsdp2_engine(tiny_model("llama"), OptimizerSpec(), None)
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A 1-rank gloo process group (reused if a test already made one)."""
-    created = False
-    if not dist.is_initialized():
-        store = tempfile.NamedTemporaryFile(prefix="scalebio_pg_", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        created = True
-    assert dist.get_world_size() == 1
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,8 @@ micro-batch gradients (single process, FSDP2 and DeepSpeed ZeRO-2/3, on one rank
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
 from tiny_models import block_prefix, lm_loss, tiny_model, token_batch
 
 from scalebio.llm.engines.engine import OptimizerSpec
@@ -87,19 +84,6 @@ def test_block_drawn_again_keeps_moments_and_a_returning_block_starts_fresh():
     restart, keep = _reference(RESTART_EVERY_SWITCH), _reference(NEVER_FORGET)
     assert _max_gap(got, restart, 1) > POLICY_GAP and _max_gap(got, restart, 2) > POLICY_GAP
     assert _max_gap(got, keep, 0) > POLICY_GAP
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A 1-rank gloo process group (reused if a test already made one)."""
-    created = False
-    if not dist.is_initialized():
-        store = tempfile.NamedTemporaryFile(prefix="scalebio_pg_", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        created = True
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def _accumulated(kind: str, fp32_grad_accum: bool) -> dict[str, torch.Tensor]:

@@ -9,12 +9,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tiny_models import lm_loss, token_batch
 
@@ -43,19 +41,6 @@ LARGE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
 # (rank 1) over the local shards (713 MB), largest tensor 62.5 MB.
 RSS_TENSORS = 3
 RSS_SLACK = 64 * MB
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A 1-rank gloo process group (reused if a test already made one)."""
-    created = False
-    if not dist.is_initialized():
-        store = tempfile.NamedTemporaryFile(prefix="scalebio_pg_", delete=False).name
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        created = True
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def _train(engine, full) -> None:
