@@ -392,6 +392,13 @@ class Config:
             names[spec.name] = f"data.sources[{i}]"
         self.data.validation_specs()
         _check_source_maps(self.bilevel, list(names))
+        # measured: torch's non-reentrant recomputation finds ZeRO-3's parameters released (shape
+        # [0]) and stops with a CheckpointError in the first backward (docs/engines.md)
+        e = self.engine
+        _check(not (self.model.gradient_checkpointing and e.kind == "deepspeed"
+                    and e.zero_stage == 3), "model.gradient_checkpointing",
+               "not supported with engine.kind: deepspeed and zero_stage: 3 (ZeRO-3 releases the "
+               "parameters the recomputation needs); use engine.kind: fsdp2, or zero_stage: 2")
 
 
 _SECTION_TYPES = {

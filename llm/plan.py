@@ -15,6 +15,7 @@ Library use (``reweight`` refuses a run that does not fit before loading weights
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from scalebio.llm.config import Config, ConfigError
 from scalebio.llm.plan_arch import Arch, Inventory, inventory, load_architecture, meta_copies
-from scalebio.llm.plan_memory import GiB, MicroBatch, Placement, Prediction, activations, predict
+from scalebio.llm.plan_memory import GiB, MicroBatch, Placement, Prediction, predict
 
 # Allocator headroom: the CUDA caching allocator rounds blocks up and fragments (reserved exceeds
 # allocated by a few percent in steady training), and the CUDA context, cuBLAS workspaces and
@@ -168,10 +169,9 @@ def plan_run(cfg: Config, world_size: int | None = None, gpu_memory: int | str =
     train = MicroBatch(shape.micro_batch_size, seq)
     val = MicroBatch(shape.val_micro_batch_size, seq)
     pred = predict(arch, inv, pl, train, val, len(cfg.data.sources))
-    other = not pl.checkpointing  # the activation row of the other choice, for the table
-    ckpt = max(x["saved"] + max(x["fwd"], x["bwd_loss"], x["bwd_layer"])
-               for x in (activations(arch, inv, mb, s, checkpointing=other)
-                         for mb in (train, val)))
+    # the activation row of the other checkpointing choice, for the table
+    ckpt = predict(arch, inv, dataclasses.replace(pl, checkpointing=not pl.checkpointing),
+                   train, val, len(cfg.data.sources)).get("activations")
     del sampler
     return Plan(world, parse_memory(gpu_memory), arch, origin, inv, pl, shape, data_note, pred,
                 ckpt, e.kind if e.kind != "deepspeed" else f"deepspeed ZeRO-{e.zero_stage}")

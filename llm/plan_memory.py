@@ -131,8 +131,15 @@ def activations(arch: Arch, inv: Inventory, mb: MicroBatch, s: int,
     n_tok = mb.batch * mb.seq
     sup = mb.targets  # supervised positions after the causal shift
     h, v = arch.hidden, arch.vocab
-    if checkpointing:  # each layer keeps its input; one layer is recomputed at a time
-        layers = arch.layers * n_tok * s * h + layer_saved(arch, mb, s, True)
+    mlp_grads = n_tok * s * (4 * arch.intermediate + 2 * h)  # gradients inside one MLP backward
+    top_block = mlp_grads
+    if checkpointing:  # each layer keeps its input; one layer is recomputed in its backward
+        layers = arch.layers * n_tok * s * h
+        # non-reentrant recomputation frees each recomputed tensor once backward has used it, so
+        # the MLP's own tensors (gate, SiLU(gate), up, down's input) give way to its gradients
+        mlp_saved = n_tok * s * 4 * arch.intermediate
+        recomputed = layer_saved(arch, mb, s, True)  # the worst case: a trained block
+        top_block = recomputed - mlp_saved + max(mlp_saved, mlp_grads)
     else:
         frozen = layer_saved(arch, mb, s, False, linear_inputs)
         trained = layer_saved(arch, mb, s, True, linear_inputs)
@@ -149,7 +156,7 @@ def activations(arch: Arch, inv: Inventory, mb: MicroBatch, s: int,
             "bwd_loss": 12 * sup * v,  # log-softmax output, its gradient, the input's gradient
             # the logits' gradient and the head weight's (before it joins the accumulated one)
             "bwd_head": n_tok * v * s + (v * h * s if inv.head_trained else 0),
-            "bwd_layer": n_tok * s * (4 * arch.intermediate + 2 * h)}  # gradients in one MLP
+            "bwd_layer": top_block}
 
 
 # ---------------------------------------------------------------- parameters

@@ -237,3 +237,19 @@ def test_model_args_memory_options(monkeypatch):
                         lambda name, *a: None if name == "flash_attn" else real(name, *a))
     with pytest.raises(ConfigError, match="model.attn_implementation: flash_attention_2 needs"):
         ModelArgs(**base, attn_implementation="flash_attention_2")
+
+
+def test_zero3_refuses_gradient_checkpointing_and_other_engines_accept_it():
+    """Measured: ZeRO-3 + non-reentrant recomputation fails in the first backward
+    (CheckpointError, parameters of shape [0]); the config says so before anything is loaded."""
+    from scalebio.llm.config import ConfigError
+    from scalebio.llm.config_files import config_from_dict
+
+    raw = {"model": {"config": SMALL_LLAMA, "tokenizer": "char", "gradient_checkpointing": True},
+           "data": {"sources": [{"name": "a", "path": "a.jsonl"}],
+                    "validation": [{"path": "v.jsonl"}]}}
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing: not supported with "
+                                          "engine.kind: deepspeed and zero_stage: 3"):
+        config_from_dict({**raw, "engine": {"kind": "deepspeed", "zero_stage": 3}})
+    for engine in ({"kind": "deepspeed", "zero_stage": 2}, {"kind": "fsdp2"}, {"kind": "single"}):
+        assert config_from_dict({**raw, "engine": engine}).model.gradient_checkpointing
