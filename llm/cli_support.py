@@ -27,7 +27,8 @@ def output_flags(p: argparse.ArgumentParser, resume: bool = False) -> None:
     silently)."""
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint "
-                       "(refused if the config changed, except bilevel.steps, run.* savings)")
+                       "(refused if the config changed, except the run length, checkpointing, "
+                       "threads, caches and the layout over ranks: world size, torch engine kind)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output folder (the old one is kept until the new "
                    "run has a checkpoint or its outputs, and put back if it fails)")

@@ -52,7 +52,11 @@ class Engine(Protocol):
         ...
 
     def state_dict(self) -> dict:
-        """Model + optimizer state for checkpoint/resume."""
+        """Model + optimizer state for checkpoint/resume. An engine whose ``checkpoint_format``
+        is ``"dcp"`` (the torch engine) is saved with torch.distributed.checkpoint and also
+        offers ``checkpoint_template``, so any world size can load it; any other engine's state
+        is saved per rank and loads only at the world size that wrote it
+        (docs/engines.md, "Checkpoints")."""
         ...
 
     def load_state_dict(self, state: dict) -> None:

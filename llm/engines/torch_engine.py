@@ -123,14 +123,43 @@ class TorchEngine:
         self.opt.step(lr)
         return norm
 
+    # Checkpoints go through torch.distributed.checkpoint (llm/loop/checkpoint.py), which
+    # reshards: any of single, ddp and fsdp2, at any world size, loads what another one saved.
+    checkpoint_format = "dcp"
+
     def state_dict(self) -> dict:
         """Copy of weights, buffers, active blocks, optimizer state and masters (by name; the
-        local shards under fsdp2)."""
+        local shards under fsdp2, so that DCP saves each once)."""
         return engine_state(self.module, self.opt)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` returned (bitwise)."""
+        """Restore what ``state_dict`` returned (bitwise), or a :meth:`checkpoint_template`
+        filled from a checkpoint of any torch engine kind and world size."""
         load_engine_state(self.module, self.opt, self._params, state)
+
+    def checkpoint_template(self, plain: dict, saved: dict[str, tuple]) -> dict:
+        """Uninitialised tensors laid out like :meth:`state_dict` (local shards under fsdp2) for
+        a checkpoint whose non-tensor entries are ``plain`` (the active blocks) and whose tensor
+        entries are ``saved`` (``{"optimizer/<param>/<key>": (shape, dtype), ...}``): what
+        ``torch.distributed.checkpoint.load`` fills in place. Switches to the saved active
+        blocks first, since the optimizer holds state (and masters) only for them."""
+        self.opt.set_active(plain.get("active"), force=True)
+        optimizer: dict[str, dict] = {}
+        for key, (shape, dtype) in saved.items():
+            group, _, rest = key.partition("/")
+            param, _, field = rest.rpartition("/")
+            if group != "optimizer" or param not in self._params:
+                continue  # not optimizer state, or not a parameter here: the caller names it
+            t = self.opt._opt_tensor(self._params[param])
+            # moments are laid out like their tensor (sharded under fsdp2); Adam's step count
+            # is a 0-d CPU tensor
+            optimizer.setdefault(param, {})[field] = (
+                torch.empty_like(t, dtype=dtype) if len(shape) and shape == tuple(t.shape)
+                else torch.empty(shape, dtype=dtype))
+        return {"model": {k: torch.empty_like(v) for k, v in self.module.state_dict().items()},
+                "active": self.opt.active, "optimizer": optimizer,
+                "masters": {self.opt.names[key]: torch.empty_like(m)
+                            for key, m in self.opt.masters.items()}}
 
     def full_model_state_dict(self) -> dict:
         """Full weights on CPU: on every rank, or (fsdp2, a collective) on rank 0 only."""

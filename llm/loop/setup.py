@@ -30,13 +30,17 @@ from scalebio.llm.data.tokenizer import load_tokenizer
 from scalebio.llm.engines.engine import Engine, OptimizerSpec
 from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for
 from scalebio.llm.loop.checkpoint import (
-    RESUMABLE_KEYS,
-    config_changes,
-    config_record,
+    check_world_size,
     load_checkpoint,
     newest_intact,
-    refused_changes,
     save_checkpoint,
+)
+from scalebio.llm.loop.resume_config import (
+    RESUMABLE_KEYS,
+    RESUMABLE_NOTE,
+    config_changes,
+    config_record,
+    refused_changes,
 )
 
 log = logging.getLogger(__name__)
@@ -104,24 +108,27 @@ _RESUME_FROM: dict[Path, Path] = {}  # out -> the checkpoint start_run checked
 def resume_point(cfg: Config, out: Path, rank: int = 0) -> Path:
     """The newest intact checkpoint in ``out/checkpoints`` (damaged newer ones are named in a
     warning and skipped), after checking that its config is ``cfg`` up to the keys that may
-    change on a resume (``checkpoint.RESUMABLE_KEYS``; such changes are logged and appended
+    change on a resume (``resume_config.RESUMABLE_KEYS``; such changes are logged and appended
     to ``out/resume_log.jsonl``). ``ConfigError`` lists any other changed key."""
     root = Path(out) / "checkpoints"
     ck = newest_intact(root, rank)
     if ck is None:
         raise outputs.OutputError(f"{root}: no intact checkpoint to resume from")
+    check_world_size(ck)  # per-rank (DeepSpeed) states: the world size that wrote them
     stored = torch.load(ck / "loop.pt", weights_only=False).get("config")
     if stored is None:
         log.warning("%s stores no config (an older version wrote it): the resumed config "
                     "cannot be checked against it", ck)
         return ck
-    changes = config_changes(stored, config_record(cfg))
-    refused = refused_changes(changes)
+    current = config_record(cfg)
+    changes = config_changes(stored, current)
+    refused = refused_changes(changes, current["values"])
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in
                            ((k, *v) for k, v in refused.items()))
         raise ConfigError(f"--resume: the config differs from the one {ck} was saved with: "
-                          f"{listed}. Only {', '.join(RESUMABLE_KEYS)} may change on a resume; "
+                          f"{listed}. Only {', '.join(RESUMABLE_KEYS)} may change on a resume "
+                          f"({RESUMABLE_NOTE}); "
                           "restore the others, or start a new run in another --out")
     if changes and rank == 0:
         log.warning("--resume from %s with changed %s", ck.name,

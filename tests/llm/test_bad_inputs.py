@@ -428,7 +428,7 @@ ROWS = [
     Row("non_utf8_byte", _with_file("latin1.jsonl", lambda ws: _lines(ws.src(0), 1).encode()
         + b'{"instruction": "caf\xe9", "input": "", "output": "1"}\n'), 2,
         "latin1.jsonl:2: not UTF-8 text (byte 0xe9"),
-    Row("truncated_checkpoint_falls_back", _damage("step_00000002/u_rank0.pt", "truncate"), 0,
+    Row("truncated_checkpoint_falls_back", _damage("step_00000002/dcp/__0_0.distcp", "truncate"), 0,
         "step_00000002 is damaged"),
     Row("empty_checkpoint_falls_back", _damage("step_00000002/loop.pt", "empty"), 0,
         "loop.pt has 0 bytes"),
