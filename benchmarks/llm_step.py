@@ -4,8 +4,10 @@ Variants (equal training batch; ScaleBiO adds a validation batch of the same siz
   sft                   one model, forward + backward on the training batch, AdamW step;
   scalebio              u and w through the loop's ``bilevel_step`` (three forwards, a backward
                         after each), three optimizer steps;
-  scalebio_lisa         the same with LISA: ``--n-active`` blocks + embeddings/head trainable;
+  scalebio_lisa         the same with LISA, the library's default policy: ``--n-active`` blocks,
+                        input embeddings frozen, an untied head trained (a tied one frozen);
   sft_lisa              SFT with the same LISA set;
+  *_lisa_paper          LISA's paper policy: embeddings and head always trained;
   *_lisa_blocks         LISA with ``train_embeddings = train_head = False`` (blocks + norms only);
   *_lisa_head           LISA with the head trained, the input embeddings frozen (untied models).
 The LISA blocks are fixed at ``[L/3, 2L/3, ...]``: the backward of a frozen-embeddings variant
@@ -32,7 +34,7 @@ w and λ, both orders, 2 micro-batches (float64 round-off: ~1e-16).
 
   python benchmarks/llm_step.py                        # CPU: a ~10M Llama, batch 8 × 128
   python benchmarks/llm_step.py --shape smollm2 --rounds 3 --variants sft,scalebio_lisa,\\
-      scalebio_lisa_blocks,sft_lisa,sft_lisa_blocks     # SmolLM2-135M shape, 4 × 256
+      scalebio_lisa_paper,sft_lisa,sft_lisa_paper     # SmolLM2-135M shape, 4 × 256
   python benchmarks/llm_step.py --shape 8b --layers 8 --batch 4 --seq 512   # GPU: 8B-shaped
 """
 
@@ -59,11 +61,12 @@ SHAPES = {  # Llama-family shapes; "batch"/"seq" are the defaults of each shape
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, num_hidden_layers=32, batch=4, seq=512),
 }
-POLICIES = {"": (True, True), "_blocks": (False, False), "_head": (False, True)}
+POLICIES = {"": (None, None), "_paper": (True, True), "_blocks": (False, False),
+            "_head": (False, True)}
 VARIANTS = {"sft": ("sft", None), "scalebio": ("scalebio", None)}
 VARIANTS.update({f"{kind}_lisa{suffix}": (kind, flags) for kind in ("sft", "scalebio")
                  for suffix, flags in POLICIES.items()})
-DEFAULT_VARIANTS = "sft,scalebio,scalebio_lisa,sft_lisa"
+DEFAULT_VARIANTS = "sft,scalebio,scalebio_lisa,sft_lisa,scalebio_lisa_paper"
 K = 4  # sources
 TARGET_TIME, TARGET_MEM = 2.0, 1.15  # ScaleBiO+LISA / SFT
 

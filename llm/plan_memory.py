@@ -141,6 +141,8 @@ def activations(arch: Arch, inv: Inventory, mb: MicroBatch, s: int,
         recomputed = layer_saved(arch, mb, s, True)  # the worst case: a trained block
         top_block = recomputed - mlp_saved + max(mlp_saved, mlp_grads)
     else:
+        # every block on the backward path: exact with trained embeddings; with them frozen the
+        # blocks below the lowest drawn one save nothing, and this is the worst case (block 0)
         frozen = layer_saved(arch, mb, s, False, linear_inputs)
         trained = layer_saved(arch, mb, s, True, linear_inputs)
         layers = arch.layers * frozen + inv.n_active * (trained - frozen)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from test_reweight import TINY  # tests/llm is on sys.path under pytest
-from tiny_models import lm_loss, tiny_model, token_batch
+from tiny_models import PAPER_LISA, lm_loss, tiny_model, token_batch
 
 from scalebio.llm.cli import reweight_main
 from scalebio.llm.config import ConfigError
@@ -132,7 +132,8 @@ def test_one_rank_resumes_on_two(tmp_path, config):
 def _trained(dtype=torch.float32, layers: int = 4):
     """A single engine after 2 LISA steps (AdamW moments, and fp32 masters in bf16)."""
     engine = build_single_engine(tiny_model("llama", seed=1, num_layers=layers, dtype=dtype),
-                                 OptimizerSpec(lr=1e-2), LisaConfig(n_active=1, period=2))
+                                 OptimizerSpec(lr=1e-2),
+                                 LisaConfig(n_active=1, period=2, **PAPER_LISA))
     engine.set_active_blocks([2])
     for step in range(2):
         lm_loss(engine.module, token_batch(step)).backward()
@@ -164,7 +165,7 @@ def test_state_round_trip_is_bitwise(tmp_path, layout, dtype):
         torch.save(engine.state_dict(), ck / "u_rank0.pt")
         torch.save(loop, ck / "loop.pt")
     fresh = build_single_engine(tiny_model("llama", seed=7, dtype=dtype), OptimizerSpec(lr=1e-2),
-                                LisaConfig(n_active=1, period=2))
+                                LisaConfig(n_active=1, period=2, **PAPER_LISA))
     assert checkpoint.load_checkpoint(ck, {"u": fresh}, 0)["step"] == 2
     assert _equal(fresh.state_dict(), engine.state_dict())
     assert (dtype == torch.bfloat16) == bool(fresh.state_dict()["masters"])  # masters exercised
@@ -179,7 +180,7 @@ def test_damaged_shard_falls_back_and_misfit_model_is_named(tmp_path, caplog):
     assert checkpoint.newest_intact(tmp_path) == tmp_path / "step_00000001"
     assert "step_00000002 is damaged" in caplog.text and shard.name in caplog.text
     small = build_single_engine(tiny_model("llama", num_layers=3), OptimizerSpec(),
-                                LisaConfig(n_active=1, period=2))
+                                LisaConfig(n_active=1, period=2, **PAPER_LISA))
     with pytest.raises(ConfigError, match=r"state of u does not fit.*layers\.3.*not in this"):
         checkpoint.load_checkpoint(tmp_path / "step_00000001", {"u": small}, 0)
 
@@ -228,7 +229,7 @@ def test_earlier_fsdp2_checkpoint_loads_only_under_fsdp2(tmp_path, one_rank_grou
     bit for bit, a single engine is told which engine.kind wrote it."""
     from scalebio.llm.engines.torch_engine import build_fsdp2_engine
 
-    lisa, spec = LisaConfig(n_active=1, period=2), OptimizerSpec(lr=1e-2)
+    lisa, spec = LisaConfig(n_active=1, period=2, **PAPER_LISA), OptimizerSpec(lr=1e-2)
     saving = build_fsdp2_engine(tiny_model("llama", seed=1), spec, lisa)
     saving.set_active_blocks([1])
     lm_loss(saving.module, token_batch(0)).backward()

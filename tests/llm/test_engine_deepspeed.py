@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import block_prefix, lm_loss, reference_lisa_step, reference_step, tiny_model
+from tiny_models import (
+    PAPER_LISA,
+    block_prefix,
+    lm_loss,
+    reference_lisa_step,
+    reference_step,
+    tiny_model,
+)
 from tiny_models import token_batch as batch
 
 from scalebio.llm.engines.engine import OptimizerSpec, live_tensor_bytes
@@ -24,7 +31,7 @@ STAGES = [2, 3]
 LR, SGD_LR, CLIP = 1e-3, 0.5, 0.05
 BF16_LR = 1e-2  # an Adam step must exceed bf16's resolution (2^-8 relative) to be visible
 ADAM = OptimizerSpec(lr=LR)
-LISA = LisaConfig(n_active=1, period=2)
+LISA = LisaConfig(n_active=1, period=2, **PAPER_LISA)
 # Period-2 schedules (explicit, so the test conditions hold): u re-activates block 0 at step 4.
 SCHED = {"u": [[0], [0], [2], [2], [0], [0]], "w": [[1, 3], [1, 3], [2], [2], [1, 3], [1, 3]]}
 # DeepSpeed's default 5e8-element buckets are 2 GB (virtual) buffers per engine; tiny is enough.

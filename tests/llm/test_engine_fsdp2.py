@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from tiny_models import (
+    PAPER_LISA,
     block_prefix,
     lm_loss,
     reference_lisa_step,
@@ -66,7 +67,7 @@ def test_lisa_freezes_trains_and_bounds_state(one_rank_group, bf16):
     sizes = [p.numel() for p in full.module.model.layers[0].parameters()]
     total = sum(p.numel() for p in full.module.parameters())
     bound = ((total - 3 * sum(sizes)) / total + BYTES_SLACK) * full.optimizer_state_bytes()
-    cfg = LisaConfig(n_active=1, period=2)
+    cfg = LisaConfig(n_active=1, period=2, **PAPER_LISA)
     engine = build_fsdp2_engine(tiny_model("llama"), OptimizerSpec(lr=LR), cfg, bf16=bf16)
     model, embed = engine.module, engine.opt.layout.persistent[0]
     trained_ever, reactivated = set(), False
@@ -89,7 +90,7 @@ def test_lisa_freezes_trains_and_bounds_state(one_rank_group, bf16):
 
 
 def test_live_memory_constant_over_switches(one_rank_group):
-    cfg = LisaConfig(n_active=1, period=1)
+    cfg = LisaConfig(n_active=1, period=1, **PAPER_LISA)
     engine = build_fsdp2_engine(tiny_model("llama"), OptimizerSpec(lr=LR), cfg, bf16=True)
     gc.collect()
     gc.freeze()  # the scan then sees only tensors made from here on: fast, and a leak is new
@@ -123,7 +124,7 @@ def _run(engines, cfg, start, steps):
 
 
 def test_parity_with_plain_torch_lisa_loop(one_rank_group):
-    cfg = LisaConfig(n_active=2, period=2)
+    cfg = LisaConfig(n_active=2, period=2, **PAPER_LISA)
     engines = [build_fsdp2_engine(tiny_model("llama"), OptimizerSpec(lr=LR), cfg)
                for _ in range(2)]
     norms = list(_run(engines, cfg, 0, 8))
@@ -143,7 +144,7 @@ def test_parity_with_plain_torch_lisa_loop(one_rank_group):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_state_dict_roundtrip_is_bitwise(one_rank_group, bf16):
-    cfg = LisaConfig(n_active=1, period=2)
+    cfg = LisaConfig(n_active=1, period=2, **PAPER_LISA)
 
     def build(seed):
         return [build_fsdp2_engine(tiny_model("llama", seed=seed), OptimizerSpec(lr=LR), cfg,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import block_prefix, lm_loss, tiny_model, token_batch
+from tiny_models import PAPER_LISA, block_prefix, lm_loss, tiny_model, token_batch
 
 from scalebio.llm.engines.engine import OptimizerSpec
 from scalebio.llm.engines.lisa import LisaConfig
@@ -67,7 +67,7 @@ def _max_gap(a: dict, b: dict, block: int) -> float:
 
 def test_block_drawn_again_keeps_moments_and_a_returning_block_starts_fresh():
     engine = build_single_engine(tiny_model("llama").double(), OptimizerSpec(lr=LR),
-                                 LisaConfig(n_active=2, period=2))
+                                 LisaConfig(n_active=2, period=2, **PAPER_LISA))
     steps_of = {}
     for step, active in enumerate(SCHEDULE):
         engine.set_active_blocks(active)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny_models import (
     LAYERS,
+    PAPER_LISA,
     block_prefix,
     lm_loss,
     reference_lisa_step,
@@ -72,7 +73,7 @@ def _full_state_bytes(dtype: torch.dtype) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lisa_freezes_trains_and_bounds_state(dtype):
-    cfg = LisaConfig(n_active=1, period=2)
+    cfg = LisaConfig(n_active=1, period=2, **PAPER_LISA)
     model = tiny_model("llama", dtype=dtype)
     engine = build_single_engine(model, OptimizerSpec(lr=LR), cfg)
     bound = (_active_share(model, 1) + BYTES_SLACK) * _full_state_bytes(dtype)
@@ -104,7 +105,7 @@ def test_lisa_freezes_trains_and_bounds_state(dtype):
 
 @pytest.mark.parametrize("family", sorted(LAYERS))
 def test_lisa_on_every_family(family):
-    cfg = LisaConfig(n_active=1, period=1)
+    cfg = LisaConfig(n_active=1, period=1, **PAPER_LISA)
     engine = build_single_engine(tiny_model(family), OptimizerSpec(lr=LR), cfg)
     blocks = engine.opt.layout.blocks
     for step in range(3):
@@ -119,7 +120,7 @@ def test_lisa_on_every_family(family):
 
 
 def test_live_memory_constant_over_switches():
-    cfg = LisaConfig(n_active=1, period=1)
+    cfg = LisaConfig(n_active=1, period=1, **PAPER_LISA)
     engine = build_single_engine(tiny_model("llama"), OptimizerSpec(lr=LR), cfg)
     gc.collect()
     gc.freeze()  # the scan then sees only tensors made from here on: fast, and a leak is new
@@ -157,7 +158,7 @@ def _two_engine_run(engines, steps, start=0, clip=CLIP, cfg=None):
 
 
 def test_parity_with_plain_torch_lisa_loop():
-    cfg = LisaConfig(n_active=2, period=2)
+    cfg = LisaConfig(n_active=2, period=2, **PAPER_LISA)
     engines = [build_single_engine(tiny_model("llama"), OptimizerSpec(lr=LR), cfg)
                for _ in range(2)]
     norms = _two_engine_run(engines, 8, cfg=cfg)
@@ -178,7 +179,7 @@ def test_parity_with_plain_torch_lisa_loop():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_roundtrip_is_bitwise(dtype):
-    cfg = LisaConfig(n_active=1, period=2)
+    cfg = LisaConfig(n_active=1, period=2, **PAPER_LISA)
     engines = [build_single_engine(tiny_model("llama", dtype=dtype), OptimizerSpec(lr=LR), cfg)
                for _ in range(2)]
     _two_engine_run(engines, 3, cfg=cfg)
@@ -206,7 +207,8 @@ def test_without_lisa_every_parameter_trains_and_sgd_has_no_state():
 
 
 def test_bad_arguments_raise(monkeypatch):
-    engine = build_single_engine(tiny_model("llama"), OptimizerSpec(lr=LR), LisaConfig())
+    engine = build_single_engine(tiny_model("llama"), OptimizerSpec(lr=LR),
+                                 LisaConfig(**PAPER_LISA))
     with pytest.raises(ValueError, match="out of range"):
         engine.set_active_blocks([4])
     with pytest.raises(ValueError, match="clip"):

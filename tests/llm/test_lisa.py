@@ -48,18 +48,27 @@ def test_find_decoder_blocks_every_family(models, family):
 @pytest.mark.parametrize("family", sorted(LAYERS))
 def test_layout_partitions_every_parameter_once(models, family):
     model = models[family]
-    layout = lisa_layout(model, LisaConfig())
-    ids = [id(p) for ps in layout.blocks for p in ps] + [id(p) for p in layout.persistent]
+    paper = lisa_layout(model, LisaConfig(train_embeddings=True, train_head=True))
+    ids = [id(p) for ps in paper.blocks for p in ps] + [id(p) for p in paper.persistent]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each exactly once
-    assert layout.frozen == ()
-    assert len(layout.persistent_names) == len(layout.persistent)
+    assert paper.frozen == ()
+    assert len(paper.persistent_names) == len(paper.persistent)
+    default = lisa_layout(model, LisaConfig())  # embeddings frozen; an untied head trained
+    ids = [id(p) for ps in default.blocks for p in ps]
+    ids += [id(p) for p in default.persistent] + [id(p) for p in default.frozen]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = id(model.get_output_embeddings().weight)
+    assert {id(p) for p in default.frozen} == embeddings | ({head} & embeddings)
+    assert (head in {id(p) for p in default.persistent}) == (head not in embeddings)
 
 
 def test_untied_embedding_and_head_flags(models):
     model = models["llama"]
     no_emb = lisa_layout(model, LisaConfig(train_embeddings=False))
     assert no_emb.frozen_names == ("model.embed_tokens.weight",)
-    no_head = lisa_layout(model, LisaConfig(train_head=False))
+    assert lisa_layout(model, LisaConfig()).frozen_names == no_emb.frozen_names  # the default
+    no_head = lisa_layout(model, LisaConfig(train_embeddings=True, train_head=False))
     assert no_head.frozen_names == ("lm_head.weight",)
     neither = lisa_layout(model, LisaConfig(train_embeddings=False, train_head=False))
     assert neither.persistent_names == ("model.norm.weight",)  # the final norm always trains
@@ -69,18 +78,23 @@ def test_tied_embeddings_policy(models):
     model = models["gpt2"]
     assert model.lm_head.weight is model.transformer.wte.weight
     with pytest.raises(ValueError, match="train_embeddings and LisaConfig.train_head"):
-        lisa_layout(model, LisaConfig(train_embeddings=False))
+        lisa_layout(model, LisaConfig(train_embeddings=False, train_head=True))
     with pytest.raises(ValueError, match="tied"):
-        lisa_layout(model, LisaConfig(train_head=False))
+        lisa_layout(model, LisaConfig(train_embeddings=True, train_head=False))
     off = lisa_layout(model, LisaConfig(train_embeddings=False, train_head=False))
     # token and learned position embeddings are both "embeddings"; the final norm always trains
     assert off.frozen_names == ("transformer.wte.weight", "transformer.wpe.weight")
     assert off.persistent_names == ("transformer.ln_f.weight", "transformer.ln_f.bias")
+    # unset flags: the shared matrix is frozen; one set flag decides it
+    assert lisa_layout(model, LisaConfig()).frozen_names == off.frozen_names
+    assert lisa_layout(model, LisaConfig(train_head=False)).frozen_names == off.frozen_names
+    head_on = lisa_layout(model, LisaConfig(train_head=True))
+    assert head_on.frozen_names == ("transformer.wpe.weight",)  # wte trains as the head
 
 
 def test_apply_active_blocks_sets_requires_grad(models):
     model = models["qwen2"]
-    layout = lisa_layout(model, LisaConfig(train_head=False))
+    layout = lisa_layout(model, LisaConfig(train_embeddings=True, train_head=False))
     apply_active_blocks(layout, [1])
     for i, block in enumerate(model.model.layers):
         assert all(p.requires_grad == (i == 1) for p in block.parameters())

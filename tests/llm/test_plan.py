@@ -125,7 +125,12 @@ def _config(tmp: Path, data: dict, shape: str, kind: str, world: int) -> Path:
                  "per_source": 4, "val_batch": 12, "micro_batch_size": 12 // world,
                  "cache_dir": str(tmp / "cache")},
         "bilevel": {"steps": 3},
-        "lisa": {"enabled": True, "n_active": 1, "period": 2},  # a switch inside the window
+        # a switch inside the window; embeddings trained (LISA's paper policy) so every block is
+        # on the backward path whichever is drawn: with them frozen (the default) the blocks
+        # below the lowest drawn one save nothing, and the plan's figure is the worst case
+        # (block 0 drawn), which a 3-step run need not reach
+        "lisa": {"enabled": True, "n_active": 1, "period": 2, "train_embeddings": True,
+                 "train_head": True},
         "engine": {"kind": "deepspeed" if kind == "zero3" else kind, "zero_stage": 3,
                    "bf16": shape.endswith("bf16")},
         "run": {"checkpoint_every": 0, "tracker": "none", "threads": 1},

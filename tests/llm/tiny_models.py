@@ -15,6 +15,9 @@ from transformers import (
 )
 
 VOCAB = 96
+# LISA's paper policy (embeddings and head always trained, not the library default): the engine
+# tests use it so that state outside the blocks is carried, saved and restored
+PAPER_LISA = {"train_embeddings": True, "train_head": True}
 HIDDEN = 32
 FFN = 64
 HEADS = 4

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import block_prefix, reference_lisa_step, reference_step  # noqa: E402
+from tiny_models import PAPER_LISA, block_prefix, reference_lisa_step, reference_step  # noqa: E402
 
 from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
 from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for  # noqa: E402
@@ -30,7 +30,7 @@ from scalebio.llm.engines.torch_engine import (  # noqa: E402
 )
 
 LR, CLIP, SEED, STEPS = 1e-3, 1.0, 4, int(sys.argv[2]) if len(sys.argv) > 2 else 12
-CFG = LisaConfig(n_active=2, period=2)
+CFG = LisaConfig(n_active=2, period=2, **PAPER_LISA)
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda", 0) if CUDA else torch.device("cpu")
 KEYS = ("frozen_ok", "active_unmoved", "active_count", "mem")

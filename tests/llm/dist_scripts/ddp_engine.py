@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import block_prefix, lm_loss, tiny_model, token_batch  # noqa: E402
+from tiny_models import PAPER_LISA, block_prefix, lm_loss, tiny_model, token_batch  # noqa: E402
 
 from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
 from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for  # noqa: E402
 from scalebio.llm.engines.torch_engine import build_single_engine  # noqa: E402
 
 STEPS, LR, CLIP, SEED = 6, 1e-2, 0.5, 3
-CFG = LisaConfig(n_active=1, period=2)
+CFG = LisaConfig(n_active=1, period=2, **PAPER_LISA)
 SGD = OptimizerSpec(name="sgd")
 SGD_LR = 0.3  # no clipping in the parity run: clipping would hide a sum-vs-mean bug
 

@@ -21,7 +21,7 @@ import torch._dynamo  # noqa: E402, F401  (before DeepSpeed patches Tensor.__new
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import block_prefix, lm_loss, tiny_model, token_batch  # noqa: E402
+from tiny_models import PAPER_LISA, block_prefix, lm_loss, tiny_model, token_batch  # noqa: E402
 
 from scalebio.llm.engines.deepspeed_zero import (  # noqa: E402
     build_deepspeed_engine,
@@ -35,7 +35,7 @@ from scalebio.llm.model import TINY_LLAMA  # noqa: E402
 
 SGD_LR, STEPS = 0.5, 4
 SCHED = {"u": [[0], [0], [2], [2]], "w": [[1, 3], [1, 3], [0], [0]]}
-LISA = LisaConfig(n_active=1, period=2)
+LISA = LisaConfig(n_active=1, period=2, **PAPER_LISA)
 ZERO = {"reduce_bucket_size": 2**20, "allgather_bucket_size": 2**20,
         "stage3_prefetch_bucket_size": 2**20, "stage3_param_persistence_threshold": 100}
 # max |weights − one process| / max |weights moved|: fp32 round-off of another reduction order
@@ -117,7 +117,7 @@ def state_bytes(stage):
 
 def deferred_parity(rank) -> list[bool]:
     src = ModelSource(config=TINY_LLAMA, seed=4)
-    lisa = LisaConfig(n_active=2, period=1)
+    lisa = LisaConfig(n_active=2, period=1, **PAPER_LISA)
     engines = [build_deepspeed_engine(m, OptimizerSpec(lr=1e-2), lisa, 3, bf16=True,
                                       zero_config=ZERO)
                for m in (deferred_model(src), src.load())]

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepspeed  # noqa: E402
-from tiny_models import block_prefix, reference_lisa_step, reference_step, tiny_model  # noqa: E402
+from tiny_models import PAPER_LISA, block_prefix, reference_lisa_step, reference_step, tiny_model  # noqa: E402
 from tiny_models import token_batch as batch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -60,7 +60,7 @@ def block_of(name):
 
 
 def parity(stage):
-    lisa, spec = LisaConfig(n_active=1), OptimizerSpec(lr=LR)
+    lisa, spec = LisaConfig(n_active=1, **PAPER_LISA), OptimizerSpec(lr=LR)
     eng = {k: build_deepspeed_engine(tiny_model(), spec, lisa, stage) for k in "uw"}
     ref = {k: tiny_model().to(DEV) for k in "uw"}
     ref_state = {"u": {}, "w": {}}
@@ -102,8 +102,8 @@ def memory(stage):
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
-    engine = build_deepspeed_engine(model, OptimizerSpec(lr=1e-5), LisaConfig(n_active=2), stage,
-                                    bf16=True)
+    engine = build_deepspeed_engine(model, OptimizerSpec(lr=1e-5),
+                                    LisaConfig(n_active=2, **PAPER_LISA), stage, bf16=True)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (4, 256), generator=gen).to(DEV)
 

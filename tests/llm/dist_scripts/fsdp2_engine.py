@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import block_prefix, lm_loss, tiny_model, token_batch  # noqa: E402
+from tiny_models import PAPER_LISA, block_prefix, lm_loss, tiny_model, token_batch  # noqa: E402
 
 from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
 from scalebio.llm.engines.lisa import LisaConfig, active_blocks_for  # noqa: E402
@@ -26,7 +26,7 @@ from scalebio.llm.engines.torch_engine import (  # noqa: E402
 )
 
 STEPS, LR, CLIP, SEED, SGD_LR = 6, 1e-2, 0.5, 5, 0.3
-CFG = LisaConfig(n_active=1, period=2)
+CFG = LisaConfig(n_active=1, period=2, **PAPER_LISA)
 ADAM, SGD = OptimizerSpec(lr=LR), OptimizerSpec(name="sgd")
 
 

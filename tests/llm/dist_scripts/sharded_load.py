@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import lm_loss, token_batch  # noqa: E402
+from tiny_models import PAPER_LISA, lm_loss, token_batch  # noqa: E402
 
 from scalebio.llm.engines.engine import OptimizerSpec  # noqa: E402
 from scalebio.llm.engines.lisa import LisaConfig  # noqa: E402
@@ -46,7 +46,7 @@ def tiny_parity(rank: int) -> dict:
     out = {}
     for bf16 in (False, True):
         src = ModelSource(config=dict(TINY_LLAMA, tie_word_embeddings=bf16), seed=4)
-        lisa = LisaConfig(n_active=2, period=1)
+        lisa = LisaConfig(n_active=2, period=1, **PAPER_LISA)
         new = build_fsdp2_engine(copy_model(deferred_model(src)), ADAM, lisa, bf16=bf16)
         old = build_fsdp2_engine(src.load(), ADAM, lisa, bf16=bf16)
         same = [all(torch.equal(a, b) for a, b in zip(_locals(new), _locals(old)))]
