@@ -63,8 +63,7 @@ def reweight(
     """
     # set-up (module docstring)
     rank, world, device = setup.start_run(cfg, out, resume, overwrite, tracker=True)
-    if plan_check:
-        preflight(cfg, world, device)
+    plan = preflight(cfg, world, device) if plan_check else None
     tokenizer, data = setup.load_data(cfg, out)
     names, k, b = data.names, len(data.names), cfg.bilevel
     sampler = setup.build_sampler(cfg, data, tokenizer.pad_token_id, rank, world)
@@ -141,7 +140,7 @@ def reweight(
     diag = diagnostics.diagnose(rows, names, b.diagnostics_window, b.stop_when_stable, stopped_at)
     extra = {"steps": len(rows), "names": list(names), "world_size": world,
              "engine": cfg.engine.kind, "dropped_examples": dict(data.dropped),
-             "diagnostics": diag, "config": raw_config}
+             "diagnostics": diag, "config": raw_config, **_memory(plan, device)}
     # a run stopped by stop_after leaves only its checkpoints; one stable early writes it all
     if rank == 0 and (len(rows) == b.steps or stopped_at is not None):
         outputs.write_weights_json(out / "weights.json", names, final, averaged, extra)
@@ -155,6 +154,16 @@ def reweight(
 
 
 # ---------------------------------------------------------------- helpers of the loop
+def _memory(plan, device: torch.device) -> dict:
+    """On a GPU: the peak allocated on this rank and what ``scalebio plan`` predicted (GiB)."""
+    if device.type != "cuda":
+        return {}
+    out = {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    if plan is not None:
+        out["planned_peak_gib"] = plan.prediction.peak / 2**30
+    return out
+
+
 # A loss this many times that of uniform guessing (ln V nats per token) means the models have
 # diverged: no trained or untrained model is that far off, while overflow is still steps away.
 EXPLODED = 100.0
