@@ -11,6 +11,9 @@ own ``penalty_surrogate``; ∇Φ by the implicit function theorem) and check two
    quadratic constant on the quadratic toys, the general F2SA-type lemma on the logistic toy.
 2. The least-squares slope of log error against log α lies in [−1.1, −0.9]: the bias is first
    order in 1/α, neither faster (which would make the bound vacuous as a rate) nor slower.
+
+:func:`run_claims` also returns the two-timescale claims of :mod:`.claims_tracking` (u's tracking
+error falls with its steps per outer step K; the limit point keeps its O(1/α) bias at K = 2).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from scalebio.toy_problems.logistic import make_logistic_reweighting
 from scalebio.toy_problems.quadratic import grad_y_upper_norm, make_quadratic
 
+from . import claims_tracking
 from .bounds import log_log_slope, penalty_bias_constant, quadratic_bias_constant
 from .hypergrad import exact_hypergradient, penalty_hypergradient, solve_lower
 from .report import Claim
@@ -110,8 +114,10 @@ def logistic_bias_claims(quick: bool) -> list[Claim]:
 
 
 def run_claims(quick: bool = True) -> list[Claim]:
-    """Bias claims on two quadratic conditionings (κ = 10, 100) and the logistic toy."""
+    """Bias claims on two quadratic conditionings (κ = 10, 100) and the logistic toy, then the
+    two-timescale claims (tracking vs K, limit-point bias at K = 2)."""
     claims = quadratic_bias_claims(1.0, 10.0, quick)
     claims += quadratic_bias_claims(0.1, 10.0, quick)
     claims += logistic_bias_claims(quick)
+    claims += claims_tracking.run_claims(quick)
     return claims

@@ -180,3 +180,24 @@ def make_quadratic(dim_x: int, dim_y: int, mu: float, L: float, seed: int,
 def grad_y_upper_norm(toy: QuadraticToy, x: Tensor) -> float:
     """‖∇_y f(x, y*(x))‖ = ‖P (y*(x) − c)‖: the l_{f,0} the bias lemma needs at x."""
     return float(torch.linalg.vector_norm(toy.P @ (toy.y_star(x) - toy.c)))
+
+
+def penalty_minimiser(toy: QuadraticToy, alpha: float) -> Tensor:
+    """argmin_x Ψ*_α(x): the limit point of ScaleBiO at a constant penalty α (closed form).
+
+    ∇Ψ*_α(x) = ρx + αBᵀ(y*(x) − y_α(x)) is affine in x: with A_α = P + αA,
+    y*(x) − y_α(x) = (A⁻¹ − αA_α⁻¹)(Bx + b) − A_α⁻¹Pc, so the minimiser solves
+    [ρI + αBᵀ(A⁻¹ − αA_α⁻¹)B] x = −αBᵀ[(A⁻¹ − αA_α⁻¹)b − A_α⁻¹Pc]. The matrix equals
+    ρI + αBᵀA⁻¹PA_α⁻¹B ⪰ ρI (A⁻¹ − αA_α⁻¹ = A⁻¹PA_α⁻¹), so it is invertible when ρ > 0.
+    """
+    _check_alpha(alpha)
+    if not toy.rho > 0:
+        raise ValueError(f"toy.rho: need an upper ridge ρ > 0 for a unique minimiser, "
+                         f"got {toy.rho!r}")
+    a_alpha = toy.P + alpha * toy.A
+    # A⁻¹PA_α⁻¹ written as the difference A⁻¹ − αA_α⁻¹ of the two solves (symmetric PSD)
+    diff = torch.linalg.inv(toy.A) - alpha * torch.linalg.inv(a_alpha)
+    eye = torch.eye(toy.B.shape[1], dtype=toy.B.dtype)
+    lhs = toy.rho * eye + alpha * toy.B.T @ diff @ toy.B
+    rhs = -alpha * toy.B.T @ (diff @ toy.b - torch.linalg.solve(a_alpha, toy.P @ toy.c))
+    return torch.linalg.solve(lhs, rhs)

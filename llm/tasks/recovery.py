@@ -3,7 +3,7 @@
 Two designs (docs/results.md §3):
 
 * ``styles`` — *identifiable*. Every source answers the same prompts ("What is a + b?") in its own
-  style: ``digits`` (the true sum, zero-padded to 3 digits), ``lower`` (3 random lowercase
+  style: ``digits`` (3 random digits, not the sum), ``lower`` (3 random lowercase
   letters), ``symbols`` (3 random punctuation marks), ``upper`` (3 random uppercase letters).
   Answers have equal length, so token shares equal example shares. A model trained on mixture π
   learns p(answer | prompt) = Σ_k π_k p_k(answer | prompt) (the styles have disjoint first

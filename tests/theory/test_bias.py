@@ -127,13 +127,16 @@ def quick_claims():
 
 
 def test_quick_bias_claims_all_pass(quick_claims):
-    assert len(quick_claims) == 6
+    # 2 per toy (within bound, slope) × 3 toys, then the two two-timescale claims
+    assert len(quick_claims) == 8
+    assert [c.name for c in quick_claims[6:]] == [
+        "two_timescale_tracking_falls_with_K", "two_timescale_limit_bias_O(1/alpha)"]
     failed = [(c.name, c.problem, c.measured) for c in quick_claims if not c.passed]
     assert not failed
 
 
 def test_bias_series_have_the_plot_format(quick_claims):
-    series = [c.series for c in quick_claims if c.series]
+    series = [c.series for c in quick_claims if c.series and c.name == "penalty_bias_within_bound"]
     assert len(series) == 3
     for s in series:
         assert s["kind"] == "bias_vs_alpha"
