@@ -60,7 +60,8 @@ def demo_main(argv: list[str]) -> int:
     p = parser(prog="scalebio demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None,
+                   help="default: 200 (tiny), 60 (smollm2)")
     p.add_argument("--per-source", type=int, default=16, help="examples per source per step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",

@@ -55,7 +55,8 @@ def test_cuda_step_matches_cpu_core_in_float64():
 
 def test_bf16_lisa_on_cuda_freezes_inactive_blocks():
     model = tiny_model("llama", dtype=torch.bfloat16).cuda()
-    engine = build_single_engine(model, OptimizerSpec(lr=1e-2), LisaConfig(n_active=1, period=1, **PAPER_LISA))
+    engine = build_single_engine(model, OptimizerSpec(lr=1e-2),
+                                 LisaConfig(n_active=1, period=1, **PAPER_LISA))
     for step, active in enumerate([[0], [0], [2], [1], [2]]):
         engine.set_active_blocks(active)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
