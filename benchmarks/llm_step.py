@@ -183,21 +183,9 @@ def measure_time(args, names: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------- memory
-def _profiled_peak(fn) -> int:
-    """Peak live tensor bytes allocated by fn() above the level at its start."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def measure_memory(args, name: str) -> dict:
+    from toy_cost import peak_bytes  # the sibling benchmark's profiler-based peak (one copy)
+
     from scalebio.llm.engines.engine import live_tensor_bytes
 
     step, n_params = build(args, name)
@@ -209,7 +197,7 @@ def measure_memory(args, name: str) -> dict:
         _sync()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = live_tensor_bytes() + _profiled_peak(step)
+        peak = live_tensor_bytes() + peak_bytes(step)
     return {"peak_mb": peak / 2**20, "params": n_params}
 
 
